@@ -1,0 +1,383 @@
+"""Find the images a run processes: pybids queries, derivative matching, participant selection.
+
+Raw images are indexed with pybids. Derivatives (cord and lesion masks) are matched per image by
+name templates under the same ``sub-*/[ses-*/]<datatype>/`` folder of each derivative dataset,
+because the names in use (spine-generic's ``*_T2w_label-SC_seg``, legacy ``*_seg-manual``) are
+not BIDS-derivative names that pybids can parse into entities.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from bids_app.errors import (
+    BidsValidationError,
+    MissingInputError,
+    NothingSelectedError,
+    UsageError,
+)
+from bids_app.settings import SelectionSettings
+
+log = logging.getLogger(__name__)
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+FILTER_KEYS = ("image",)
+#: BIDS entity keys users write in filter files, mapped to the names pybids queries with.
+ENTITY_ALIASES = {
+    "sub": "subject",
+    "ses": "session",
+    "acq": "acquisition",
+    "ce": "ceagent",
+    "rec": "reconstruction",
+    "dir": "direction",
+    "mod": "modality",
+    "trc": "tracer",
+    "stain": "staining",
+}
+DERIVATIVE_ROLES = ("cord", "lesion")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to process, with the derivatives found for it."""
+
+    image: Path
+    relpath: str
+    subject: str
+    session: str | None
+    suffix: str
+    entities: Mapping[str, str] = field(default_factory=dict)
+    cord_mask: Path | None = None
+    lesion_mask: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSelection:
+    """The healthy images used for training, and why every other participant was left out."""
+
+    images: tuple[ImageRecord, ...]
+    participants: tuple[str, ...]
+    excluded: Mapping[str, str]
+
+
+def is_bids_dataset(bids_dir: Path) -> bool:
+    """A BIDS dataset has a ``dataset_description.json`` at its root."""
+    return (Path(bids_dir) / "dataset_description.json").is_file()
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``sub-01`` and ``01`` name the same participant."""
+    label = label.strip()
+    return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def expand_labels(values: Iterable[str], prefix: str) -> tuple[str, ...]:
+    """Labels from the command line, where ``@file`` stands for one label per line of ``file``."""
+    labels: list[str] = []
+    for value in values:
+        if value.startswith("@"):
+            path = Path(value[1:])
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise UsageError(f"cannot read label file {path}: {exc.strerror or exc}") from exc
+            labels.extend(line.split("#")[0] for line in lines)
+        else:
+            labels.append(value)
+    cleaned = [strip_prefix(label, prefix) for label in labels if label.strip()]
+    bad = [label for label in cleaned if not re.fullmatch(r"[A-Za-z0-9]+", label)]
+    if bad:
+        raise UsageError(f"invalid {prefix.rstrip('-')} label {bad[0]!r}: BIDS labels are alphanumeric")
+    return tuple(dict.fromkeys(cleaned))
+
+
+def load_bids_filters(path: Path) -> dict[str, Any]:
+    """Read an fMRIPrep-style filter file: ``{"image": {entity: value}}``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--bids-filter-file {path}: cannot read: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--bids-filter-file {path}: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--bids-filter-file {path}: expected a JSON object like {{\"image\": {{...}}}}")
+    unknown = sorted(set(data) - set(FILTER_KEYS))
+    if unknown:
+        raise UsageError(
+            f"--bids-filter-file {path}: unknown key {unknown[0]!r}; allowed: {', '.join(FILTER_KEYS)}"
+        )
+    for key, query in data.items():
+        if not isinstance(query, dict):
+            raise UsageError(f"--bids-filter-file {path}: {key!r} must map entities to values")
+    return data
+
+
+def query_from_filters(filters: Mapping[str, Any], known_entities: Iterable[str]) -> dict[str, Any]:
+    """pybids query arguments: ``null`` means the entity is absent, ``"*"`` any value."""
+    from bids.layout import Query
+
+    known = set(known_entities)
+    query: dict[str, Any] = {}
+    for key, value in filters.get("image", {}).items():
+        entity = ENTITY_ALIASES.get(key, key)
+        if entity not in known:
+            raise UsageError(
+                f"--bids-filter-file: unknown entity {key!r}; known: {', '.join(sorted(known))}"
+            )
+        if value is None:
+            query[entity] = Query.NONE
+        elif value == "*":
+            query[entity] = Query.ANY
+        else:
+            query[entity] = value
+    return query
+
+
+def load_layout(bids_dir: Path, database_dir: Path | None = None, reset_database: bool = False):
+    """Index ``bids_dir`` with pybids (read-only), reusing an sqlite cache when one is given."""
+    from bids import BIDSLayout
+
+    kwargs: dict[str, Any] = {"validate": False, "derivatives": False}
+    if database_dir is not None:
+        Path(database_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["database_path"] = str(database_dir)
+        kwargs["reset_database"] = reset_database
+    log.debug("indexing %s with pybids (database: %s)", bids_dir, database_dir or "in memory")
+    return BIDSLayout(str(bids_dir), **kwargs)
+
+
+def find_derivative_datasets(
+    bids_dir: Path, explicit: Sequence[Path] = (), exclude: Sequence[Path] = ()
+) -> tuple[Path, ...]:
+    """Derivative datasets to search: the ones given, else every folder under ``bids_dir/derivatives``."""
+    excluded = {Path(p).resolve() for p in exclude}
+    if explicit:
+        roots = [Path(p).resolve() for p in explicit]
+        missing = [p for p in roots if not p.is_dir()]
+        if missing:
+            raise UsageError(f"--derivatives {missing[0]}: not a directory")
+        return tuple(roots)
+    base = Path(bids_dir) / "derivatives"
+    if not base.is_dir():
+        return ()
+    found = []
+    for path in sorted(base.iterdir()):
+        resolved = path.resolve()
+        if path.is_dir() and resolved not in excluded and not any(e in resolved.parents for e in excluded):
+            found.append(resolved)
+    return tuple(found)
+
+
+def name_parts(filename: str) -> tuple[str, str]:
+    """``sub-01_ses-1_T2w.nii.gz`` -> (``sub-01_ses-1_T2w``, ``sub-01_ses-1``)."""
+    stem = filename
+    for ext in NIFTI_EXTENSIONS:
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    entities = stem.rsplit("_", 1)[0] if "_" in stem else stem
+    return stem, entities
+
+
+def match_derivative(relpath: str, roots: Sequence[Path], templates: Sequence[str]) -> Path | None:
+    """First derivative file for the image at ``relpath``: datasets in order, then templates in order."""
+    rel = Path(relpath)
+    stem, entities = name_parts(rel.name)
+    for root in roots:
+        folder = Path(root) / rel.parent
+        if not folder.is_dir():
+            continue
+        for template in templates:
+            base = template.format(stem=stem, entities=entities)
+            for ext in NIFTI_EXTENSIONS:
+                candidate = folder / f"{base}{ext}"
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def required_templates(name: str, selection: SelectionSettings) -> tuple[str, ...]:
+    """What ``--require-derivative NAME`` looks for: a role (cord, lesion) or a name part such as
+    ``label-SC_seg`` (matched as ``<image stem>_NAME`` or ``<entities>_NAME``)."""
+    if name == "cord":
+        return selection.cord_names
+    if name == "lesion":
+        return selection.lesion_names
+    return (f"{{stem}}_{name}", f"{{entities}}_{name}")
+
+
+def collect_images(
+    bids_dir: Path,
+    selection: SelectionSettings,
+    layout: Any = None,
+    derivative_roots: Sequence[Path] = (),
+) -> list[ImageRecord]:
+    """All images of the selected contrasts, participants, sessions and filters, with their masks.
+
+    Raises MissingInputError (66) when the dataset has no image of the contrasts at all, and
+    NothingSelectedError (18) when labels or filters select nothing.
+    """
+    extensions = list(NIFTI_EXTENSIONS)
+    contrasts = list(selection.contrasts)
+    everything = layout.get(suffix=contrasts, extension=extensions)
+    if not everything:
+        raise MissingInputError(
+            f"no {'/'.join(contrasts)} image in {bids_dir} (looked for *_{'|'.join(contrasts)}.nii[.gz]);"
+            f" pass --contrast to choose another suffix"
+        )
+    subjects = sorted({f.entities["subject"] for f in everything})
+    query: dict[str, Any] = {"suffix": contrasts, "extension": extensions}
+    if selection.participant_labels:
+        _check_labels_exist("participant", selection.participant_labels, subjects)
+        query["subject"] = list(selection.participant_labels)
+    if selection.session_labels:
+        sessions = sorted({f.entities["session"] for f in everything if "session" in f.entities})
+        _check_labels_exist("session", selection.session_labels, sessions)
+        query["session"] = list(selection.session_labels)
+    query.update(query_from_filters(selection.bids_filters, layout.get_entities().keys()))
+    files = layout.get(**query)
+    if not files:
+        raise NothingSelectedError(
+            f"the participant/session labels and filters select no image in {bids_dir} "
+            f"(query: {_describe_query(query)})"
+        )
+    records = [_record(Path(f.path), Path(bids_dir), f.entities, selection, derivative_roots) for f in files]
+    records.sort(key=lambda r: r.relpath)
+    return drop_lacking_derivatives(records, selection, derivative_roots)
+
+
+def drop_lacking_derivatives(
+    records: Sequence[ImageRecord], selection: SelectionSettings, roots: Sequence[Path]
+) -> list[ImageRecord]:
+    """``--require-derivative``: keep only images that have every named derivative."""
+    kept = list(records)
+    for name in selection.require_derivatives:
+        templates = required_templates(name, selection)
+        before = len(kept)
+        kept = [r for r in kept if match_derivative(r.relpath, roots, templates) is not None]
+        if before != len(kept):
+            log.info("--require-derivative %s: dropped %d image(s) lacking it", name, before - len(kept))
+    if records and not kept:
+        raise MissingInputError(
+            f"no selected image has the required derivative(s) {', '.join(selection.require_derivatives)}"
+            f" in {', '.join(map(str, roots)) or 'any derivative dataset (none found)'}"
+        )
+    return kept
+
+
+def collect_plain_images(folder: Path) -> list[ImageRecord]:
+    """The seed's un-formatted dataset: every NIfTI file under ``folder``, one pseudo-participant each."""
+    paths = sorted(p for ext in NIFTI_EXTENSIONS for p in Path(folder).rglob(f"*{ext}") if p.is_file())
+    if not paths:
+        raise BidsValidationError(
+            f"{folder} is not a BIDS dataset (no dataset_description.json) and holds no NIfTI file"
+        )
+    records = []
+    for path in paths:
+        rel = path.relative_to(folder).as_posix()
+        label = re.sub(r"[^A-Za-z0-9]", "", name_parts(path.name)[0]) or "image"
+        records.append(ImageRecord(image=path, relpath=rel, subject=label, session=None, suffix="unknown"))
+    return records
+
+
+def read_participants(bids_dir: Path) -> dict[str, dict[str, str]]:
+    """``participants.tsv`` as {label without ``sub-``: row}; empty when the file is absent."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if not reader.fieldnames or "participant_id" not in reader.fieldnames:
+            raise BidsValidationError(f"{path}: no participant_id column")
+        return {strip_prefix(row["participant_id"], "sub-"): row for row in reader}
+
+
+def select_training(
+    records: Sequence[ImageRecord],
+    participants: Mapping[str, Mapping[str, str]],
+    selection: SelectionSettings,
+) -> TrainingSelection:
+    """Healthy participants for the group level: ``column == value`` in participants.tsv and no lesion
+    mask; ``--train-participants`` overrides the table (but a lesion mask still excludes an image)."""
+    by_subject: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        by_subject.setdefault(record.subject, []).append(record)
+    excluded: dict[str, str] = {}
+    if selection.train_participants:
+        _check_labels_exist("training participant", selection.train_participants, sorted(by_subject))
+        wanted = set(selection.train_participants)
+        for subject in by_subject:
+            if subject not in wanted:
+                excluded[subject] = "not in --train-participants"
+    else:
+        column, value = selection.healthy_column, selection.healthy_value
+        if not participants:
+            raise MissingInputError(
+                "cannot tell healthy participants apart: no participants.tsv; add one with a "
+                f"'{column}' column or pass --train-participants"
+            )
+        some_row = next(iter(participants.values()))
+        if column not in some_row:
+            raise MissingInputError(
+                f"participants.tsv has no '{column}' column to select healthy participants; "
+                f"use --healthy-filter COLUMN=VALUE or --train-participants"
+            )
+        for subject in by_subject:
+            row = participants.get(subject)
+            if row is None:
+                excluded[subject] = "not listed in participants.tsv"
+            elif row.get(column, "").strip() != value:
+                excluded[subject] = f"{column}={row.get(column, '').strip() or 'n/a'}"
+    for subject, images in by_subject.items():
+        if subject not in excluded and any(r.lesion_mask is not None for r in images):
+            excluded[subject] = "has a lesion mask"
+    chosen = tuple(r for r in records if r.subject not in excluded)
+    if not chosen:
+        raise MissingInputError(
+            "no healthy participant to train on: "
+            + "; ".join(f"sub-{s}: {why}" for s, why in sorted(excluded.items())[:10])
+        )
+    return TrainingSelection(
+        images=chosen,
+        participants=tuple(sorted({r.subject for r in chosen})),
+        excluded=dict(sorted(excluded.items())),
+    )
+
+
+def _record(
+    path: Path,
+    bids_dir: Path,
+    entities: Mapping[str, Any],
+    selection: SelectionSettings,
+    roots: Sequence[Path],
+) -> ImageRecord:
+    rel = path.relative_to(bids_dir).as_posix()
+    kept = {k: str(v) for k, v in entities.items() if k not in ("extension", "suffix", "datatype")}
+    return ImageRecord(
+        image=path,
+        relpath=rel,
+        subject=str(entities["subject"]),
+        session=str(entities["session"]) if "session" in entities else None,
+        suffix=str(entities["suffix"]),
+        entities=kept,
+        cord_mask=match_derivative(rel, roots, selection.cord_names),
+        lesion_mask=match_derivative(rel, roots, selection.lesion_names),
+    )
+
+
+def _check_labels_exist(kind: str, labels: Sequence[str], available: Sequence[str]) -> None:
+    missing = [label for label in labels if label not in set(available)]
+    if missing:
+        shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
+        raise NothingSelectedError(
+            f"{kind} label(s) not found in the dataset: {', '.join(missing)} (available: {shown or 'none'})"
+        )
+
+
+def _describe_query(query: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in query.items() if k != "extension")

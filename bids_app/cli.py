@@ -1,0 +1,315 @@
+"""Command line of the BIDS App: ``run.py bids_dir output_dir {participant,group} [options]``.
+
+Parsing validates what can be validated before any work (paths, labels, exit codes). This is the
+only place that turns a ``CountersegError`` into a message and an exit code; a crash gets exit 1
+and a crash log under ``<output_dir>/logs/``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bids_app import __version__
+from bids_app.errors import (
+    CannotCreateError,
+    CountersegError,
+    ExitCode,
+    UnknownLevelError,
+    UsageError,
+)
+from bids_app.settings import ANALYSIS_LEVELS, PRESETS, RunSettings, build_settings, load_config_file
+from bids_app.settings import merge_overrides, settings_to_dict
+
+log = logging.getLogger("bids_app.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on errors; BIDS Apps use 64 (usage error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _flag(group: Any, *names: str, **kwargs: Any) -> None:
+    """Add an option under both its ``-`` and ``_`` spellings (``--work-dir`` and ``--work_dir``)."""
+    strings: list[str] = []
+    for name in names:
+        strings.append(name)
+        if name.startswith("--") and "-" in name[2:]:
+            strings.append("--" + name[2:].replace("-", "_"))
+    group.add_argument(*dict.fromkeys(strings), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="counterseg",
+        description=(
+            "counterseg: spinal-cord lesion segmentation by counterfactual latent diffusion. "
+            "The group level trains on the healthy participants of a BIDS dataset; the participant "
+            "level writes a counterfactual, an anomaly map and a lesion mask per image."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("bids_dir", nargs="?", help="the root of the input BIDS dataset")
+    parser.add_argument("output_dir", nargs="?", help="where the derivative dataset is written")
+    parser.add_argument(
+        "analysis_level", nargs="?", help=f"processing stage: one of {', '.join(ANALYSIS_LEVELS)}"
+    )
+    parser.add_argument("--version", action="version", version=f"counterseg {__version__}")
+
+    sel = parser.add_argument_group("selecting the input")
+    _flag(sel, "--participant-label", nargs="+", metavar="LABEL",
+          help="participants to process (with or without 'sub-'); @FILE reads one label per line")
+    _flag(sel, "--session-label", nargs="+", metavar="LABEL", help="sessions to process (with or without 'ses-')")
+    _flag(sel, "--contrast", nargs="+", metavar="SUFFIX", help="image suffixes to process (default: T2w)")
+    _flag(sel, "--bids-filter-file", metavar="FILE", type=Path,
+          help='JSON filter {"image": {entity: value}}; null = entity absent, "*" = any value')
+    _flag(sel, "--derivatives", nargs="+", metavar="PATH", type=Path,
+          help="derivative datasets with cord/lesion masks (default: every folder in bids_dir/derivatives)")
+    _flag(sel, "--require-derivative", nargs="+", metavar="NAME",
+          help="drop images lacking this derivative: 'cord', 'lesion' or a name part such as label-SC_seg")
+    _flag(sel, "--healthy-filter", metavar="COLUMN=VALUE",
+          help="participants.tsv column and value marking healthy participants (default: pathology=HC)")
+    _flag(sel, "--train-participants", nargs="+", metavar="LABEL",
+          help="train on these participants instead of the healthy ones (group level)")
+    _flag(sel, "--bids-database-dir", metavar="DIR", type=Path,
+          help="pybids sqlite cache; reused when present")
+    _flag(sel, "--reset-database", action="store_true", help="rebuild the pybids database")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
+                     dest="skip_bids_validation", action="store_true", help="do not run the BIDS validator")
+
+    run = parser.add_argument_group("running")
+    _flag(run, "-w", "--work-dir", metavar="DIR", type=Path, help="scratch space (default: OUTPUT_DIR/work)")
+    _flag(run, "--model-dir", metavar="DIR", type=Path, help="trained models (default: OUTPUT_DIR/models)")
+    _flag(run, "--config", metavar="FILE", type=Path, help="YAML or JSON file overriding any setting")
+    _flag(run, "--preset", choices=PRESETS, help="model and data scale (tiny: CPU-sized, for tests and the demo)")
+    _flag(run, "--device", metavar="{auto,cpu,cuda,cuda:N}", help="compute device (default: auto)")
+    _flag(run, "--nprocs", "--n-cpus", type=int, metavar="N", help="maximum number of processes/threads")
+    _flag(run, "--omp-nthreads", type=int, metavar="N", help="threads per process (torch intra-op)")
+    _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
+    _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
+    _flag(run, "--demo", metavar="OUTDIR", type=Path,
+          help="generate the synthetic dataset in OUTDIR/bids and run both levels (tiny preset) into OUTDIR/out")
+    run.add_argument("-v", "--verbose", dest="verbosity", action="count",
+                     help="more log output (-v: debug)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """Resolve defaults < config file < command line into validated settings."""
+    from bids_app.bids.layout import expand_labels, load_bids_filters
+
+    for name in ("bids_dir", "output_dir", "analysis_level"):
+        if getattr(args, name, None) is None:
+            raise UsageError("the positional arguments bids_dir, output_dir and analysis_level are required")
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise UnknownLevelError(
+            f"unknown analysis level {args.analysis_level!r}: choose {' or '.join(ANALYSIS_LEVELS)}"
+        )
+    config = load_config_file(args.config) if "config" in args else {}
+    cli: dict[str, Any] = {
+        "bids_dir": Path(args.bids_dir).absolute(),
+        "output_dir": Path(args.output_dir).absolute(),
+        "analysis_level": args.analysis_level,
+    }
+    for name in ("work_dir", "model_dir", "bids_database_dir"):
+        if name in args:
+            cli[name] = Path(getattr(args, name)).absolute()
+    for name in ("reset_database", "skip_bids_validation", "preset", "dry_run", "verbosity"):
+        if name in args:
+            cli[name] = getattr(args, name)
+    selection: dict[str, Any] = {}
+    if "participant_label" in args:
+        selection["participant_labels"] = expand_labels(args.participant_label, "sub-")
+    if "session_label" in args:
+        selection["session_labels"] = expand_labels(args.session_label, "ses-")
+    if "train_participants" in args:
+        selection["train_participants"] = expand_labels(args.train_participants, "sub-")
+    if "contrast" in args:
+        selection["contrasts"] = tuple(args.contrast)
+    if "bids_filter_file" in args:
+        selection["bids_filters"] = load_bids_filters(args.bids_filter_file)
+    if "derivatives" in args:
+        selection["derivatives"] = tuple(Path(p).absolute() for p in args.derivatives)
+    if "require_derivative" in args:
+        selection["require_derivatives"] = tuple(args.require_derivative)
+    if "healthy_filter" in args:
+        column, sep, value = args.healthy_filter.partition("=")
+        if not sep or not column or not value:
+            raise UsageError(f"--healthy-filter {args.healthy_filter!r}: expected COLUMN=VALUE")
+        selection["healthy_column"], selection["healthy_value"] = column, value
+    if selection:
+        cli["selection"] = selection
+    compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
+    if compute:
+        cli["compute"] = compute
+    return build_settings(merge_overrides(config, cli))
+
+
+def check_paths(settings: RunSettings) -> None:
+    """Refuse paths that would write into the input dataset, as fMRIPrep does at parse time."""
+    bids_dir = settings.bids_dir.resolve()
+    if not settings.bids_dir.exists():
+        raise UsageError(f"bids_dir {settings.bids_dir} does not exist")
+    if not bids_dir.is_dir():
+        raise UsageError(f"bids_dir {settings.bids_dir} is not a directory")
+    derivatives = bids_dir / "derivatives"
+    named = {
+        "output_dir": settings.output_dir,
+        "--work-dir": settings.work_dir,
+        "--model-dir": settings.model_dir,
+        "--bids-database-dir": settings.bids_database_dir,
+    }
+    for flag, path in named.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == bids_dir:
+            raise UsageError(f"{flag} {path} is the input dataset: choose another folder")
+        inside = bids_dir in resolved.parents
+        under_derivatives = derivatives in resolved.parents
+        if inside and not under_derivatives:
+            raise UsageError(
+                f"{flag} {path} is inside the input dataset {bids_dir}: nothing may be written there "
+                f"(a folder under {derivatives}/ is allowed)"
+            )
+
+
+def prepare_output(settings: RunSettings) -> Path:
+    """Create ``output_dir/logs`` (exit 73 when that is impossible)."""
+    logs = settings.output_dir / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        probe = logs / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CannotCreateError(
+            f"cannot create output in {settings.output_dir}: {exc.strerror or exc}"
+        ) from exc
+    return logs
+
+
+def finalise_output(settings: RunSettings) -> None:
+    """dataset_description.json and .bidsignore, written in ``finally`` like fMRIPrep, idempotently."""
+    from bids_app.bids.derivatives import detect_container, write_bidsignore, write_dataset_description
+
+    write_dataset_description(
+        settings.output_dir, __version__, settings.bids_dir, container=detect_container()
+    )
+    write_bidsignore(settings.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    from bids_app import runlog
+
+    runlog.setup_console_logging(0)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0)
+    except CountersegError as exc:
+        return _report(exc)
+    runlog.setup_console_logging(getattr(args, "verbosity", 0))
+    try:
+        if "demo" in args:
+            return run_demo(args.demo, args)
+        settings = settings_from_args(args)
+        check_paths(settings)
+        if settings.dry_run:
+            from bids_app.levels import dry_run_listing
+
+            print(dry_run_listing(settings))
+            return ExitCode.OK
+        logs = prepare_output(settings)
+    except CountersegError as exc:
+        return _report(exc)
+    except Exception as exc:  # noqa: BLE001 - nothing is written yet, so no crash log
+        log.error("counterseg failed unexpectedly before starting: %s: %s", type(exc).__name__, exc)
+        return ExitCode.UNEXPECTED
+    try:
+        return _run_level(settings, logs)
+    finally:
+        runlog.close_logging()
+
+
+def _run_level(settings: RunSettings, logs: Path) -> int:
+    from bids_app import levels, runlog
+    from bids_app.compute import configure_threads, resolve_device
+
+    name = runlog.run_id(settings.analysis_level)
+    log_file = runlog.add_file_logging(logs, name)
+    started = time.time()
+    record: dict[str, Any] = {"version": __version__, "settings": settings_to_dict(settings)}
+    code: int = ExitCode.OK
+    try:
+        log.info("counterseg %s, %s level; log: %s", __version__, settings.analysis_level, log_file)
+        device = resolve_device(settings.compute.device)
+        threads = configure_threads(settings.compute.omp_nthreads, settings.compute.nprocs)
+        log.info("device: %s, threads: %d, seed: %d", device, threads, settings.compute.seed)
+        runner = levels.run_group if settings.analysis_level == "group" else levels.run_participant
+        record.update(runner(settings, device))
+        log.info("%s level finished in %.1f s", settings.analysis_level, time.time() - started)
+    except CountersegError as exc:
+        code = _report(exc)
+        record["error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - the one place a crash becomes exit 1
+        crash = runlog.write_crash_log(logs, name, exc)
+        log.error("counterseg crashed: %s: %s. Crash log: %s", type(exc).__name__, exc, crash)
+        code = ExitCode.UNEXPECTED
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        record.update(exit_code=int(code), seconds=round(time.time() - started, 3))
+        try:
+            finalise_output(settings)
+            runlog.write_run_record(logs, name, record)
+        except CountersegError as exc:
+            code = code or _report(exc)
+    return int(code)
+
+
+def run_demo(outdir: Path, args: argparse.Namespace) -> int:
+    """``--demo OUTDIR``: synthetic dataset, then group and participant levels with the tiny preset."""
+    from bids_app.synthetic import generate_dataset
+
+    outdir = Path(outdir).absolute()
+    bids_dir, out = outdir / "bids", outdir / "out"
+    if (bids_dir / "dataset_description.json").is_file():
+        log.info("demo: reusing the synthetic dataset in %s", bids_dir)
+    else:
+        log.info("demo: generating the synthetic dataset in %s", bids_dir)
+        generate_dataset(bids_dir, seed=getattr(args, "seed", 0))
+    common = ["--preset", "tiny"]
+    for name in ("device", "seed", "nprocs", "omp_nthreads"):
+        if name in args:
+            common += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    common += ["-v"] * getattr(args, "verbosity", 0)
+    for level in ("group", "participant"):
+        code = main([str(bids_dir), str(out), level, *common])
+        if code != ExitCode.OK:
+            return code
+    log.info("demo finished: outputs in %s", out)
+    return ExitCode.OK
+
+
+def _report(exc: CountersegError) -> int:
+    """One line (plus details for multi-line messages) on stderr, and the error's exit code."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    logging.getLogger("bids_app").error("%s (exit %d)", lines[0], int(exc.exit_code))
+    for line in lines[1:]:
+        logging.getLogger("bids_app").error("  %s", line)
+    return int(exc.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The two orchestrators, ``run_group`` and ``run_participant``, and the ``--dry-run`` listing.
+
+Both start with the same discovery (validate, index, select, match derivatives) so that a dry run
+lists exactly what a real run would process.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from bids_app.bids import layout as bids_layout
+from bids_app.bids.derivatives import unique_output_names
+from bids_app.bids.images import inspect_image
+from bids_app.bids.validate import validate_bids_dataset
+from bids_app.errors import BidsValidationError
+from bids_app.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What discovery found: the images to process and, at the group level, the training selection."""
+
+    images: tuple[bids_layout.ImageRecord, ...]
+    derivative_roots: tuple[Path, ...]
+    is_bids: bool
+    training: bids_layout.TrainingSelection | None = None
+    disambiguate: Mapping[str, bool] = field(default_factory=dict)
+
+
+def discover_inputs(settings: RunSettings) -> Inputs:
+    """Validate and index ``bids_dir``, then select images (and training participants for ``group``)."""
+    bids_dir = settings.bids_dir
+    selection = settings.selection
+    if not bids_layout.is_bids_dataset(bids_dir):
+        return _discover_plain_folder(settings)
+    if settings.skip_bids_validation:
+        log.warning("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        log.info("validating %s with bids-validator-deno", bids_dir)
+        validate_bids_dataset(bids_dir)
+    layout = bids_layout.load_layout(bids_dir, settings.bids_database_dir, settings.reset_database)
+    roots = bids_layout.find_derivative_datasets(
+        bids_dir, selection.derivatives, exclude=[settings.output_dir]
+    )
+    log.info("derivative datasets searched for masks: %s", ", ".join(map(str, roots)) or "none")
+    images = bids_layout.collect_images(bids_dir, selection, layout, roots)
+    training = None
+    if settings.analysis_level == "group":
+        participants = bids_layout.read_participants(bids_dir)
+        training = bids_layout.select_training(images, participants, selection)
+    disambiguate = unique_output_names([r.relpath for r in images])
+    return Inputs(tuple(images), roots, True, training, disambiguate)
+
+
+def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
+    """Group level: select and check the healthy training images. Returns the run record."""
+    inputs = discover_inputs(settings)
+    assert inputs.training is not None
+    training = inputs.training
+    for subject, reason in training.excluded.items():
+        log.info("excluded from training: sub-%s (%s)", subject, reason)
+    log.info(
+        "training selection: %d image(s) of %d participant(s): %s",
+        len(training.images),
+        len(training.participants),
+        ", ".join(f"sub-{s}" for s in training.participants),
+    )
+    _check_readable(training.images)
+    log.warning(
+        "no training stage is part of this version: the selection is recorded, no model is written to %s",
+        settings.model_dir,
+    )
+    return {
+        "inputs": _describe_inputs(inputs, settings.bids_dir),
+        "training": {
+            "participants": [f"sub-{s}" for s in training.participants],
+            "images": [r.relpath for r in training.images],
+            "excluded": {f"sub-{s}": why for s, why in training.excluded.items()},
+        },
+        "device": device,
+    }
+
+
+def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
+    """Participant level: find and check every selected image. Returns the run record."""
+    inputs = discover_inputs(settings)
+    if not inputs.is_bids:
+        raise BidsValidationError(
+            f"{settings.bids_dir} is not a BIDS dataset (no dataset_description.json): the participant "
+            "level needs BIDS entities to name its outputs; a plain folder of NIfTI files is accepted "
+            "for group-level training only"
+        )
+    _check_readable(inputs.images)
+    for record in inputs.images:
+        log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
+                 _short(record.cord_mask), _short(record.lesion_mask))
+    log.warning("no segmentation stage is part of this version: no lesion mask is written")
+    return {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
+
+
+def dry_run_listing(settings: RunSettings) -> str:
+    """Text a user reads to see what a run would process: images, masks, and the training selection."""
+    inputs = discover_inputs(settings)
+    lines = [
+        f"counterseg dry run: {settings.analysis_level} level on {settings.bids_dir}",
+        f"derivative datasets: {', '.join(map(str, inputs.derivative_roots)) or 'none'}",
+        f"{len(inputs.images)} image(s) of {len({r.subject for r in inputs.images})} participant(s):",
+    ]
+    for record in inputs.images:
+        summary = inspect_image(record.image, full=False).describe()
+        lines.append(f"  {record.relpath}  [{summary}]")
+        lines.append(f"    cord mask:   {_relative(record.cord_mask, settings.bids_dir) or 'none'}")
+        lines.append(f"    lesion mask: {_relative(record.lesion_mask, settings.bids_dir) or 'none'}")
+    if inputs.training is not None:
+        lines.append(
+            "training participants: " + ", ".join(f"sub-{s}" for s in inputs.training.participants)
+        )
+        for subject, reason in inputs.training.excluded.items():
+            lines.append(f"  excluded sub-{subject}: {reason}")
+    return "\n".join(lines)
+
+
+def _discover_plain_folder(settings: RunSettings) -> Inputs:
+    images = bids_layout.collect_plain_images(settings.bids_dir)
+    if settings.analysis_level != "group":
+        return Inputs(tuple(images), (), False)
+    log.warning(
+        "%s has no dataset_description.json: treating it as an un-formatted folder of %d NIfTI "
+        "image(s), all used for training; such a folder cannot carry cord/lesion masks, contrasts "
+        "or participant metadata, and is not BIDS-validated",
+        settings.bids_dir,
+        len(images),
+    )
+    subjects = tuple(sorted({r.subject for r in images}))
+    training = bids_layout.TrainingSelection(images=tuple(images), participants=subjects, excluded={})
+    return Inputs(tuple(images), (), False, training)
+
+
+def _check_readable(records: Sequence[bids_layout.ImageRecord]) -> None:
+    """Every image and mask must decompress fully before work is spent on it (BadDataError, 65)."""
+    for record in records:
+        inspect_image(record.image, full=True)
+        for mask in (record.cord_mask, record.lesion_mask):
+            if mask is not None:
+                inspect_image(mask, full=True)
+
+
+def _describe_inputs(inputs: Inputs, bids_dir: Path) -> dict[str, Any]:
+    return {
+        "bids": inputs.is_bids,
+        "derivatives": [str(p) for p in inputs.derivative_roots],
+        "images": [
+            {
+                "image": r.relpath,
+                "subject": r.subject,
+                "session": r.session,
+                "suffix": r.suffix,
+                "cord_mask": _relative(r.cord_mask, bids_dir),
+                "lesion_mask": _relative(r.lesion_mask, bids_dir),
+            }
+            for r in inputs.images
+        ],
+    }
+
+
+def _relative(path: Path | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _short(path: Path | None) -> str:
+    return Path(path).name if path is not None else "none"

@@ -1,0 +1,79 @@
+"""Logs of a run under ``<output_dir>/logs/``: console and file logging, run records, crash logs.
+
+Every file name carries the level, a timestamp and the process id, so concurrent HPC jobs writing
+into one ``output_dir`` never write the same log file.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from bids_app.bids.derivatives import atomic_write_json, atomic_write_text
+
+LOGGER_NAME = "bids_app"
+_FORMAT = "%(asctime)s [counterseg] %(levelname)s: %(message)s"
+
+
+def timestamp() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_id(level: str) -> str:
+    """A name unique per process: level, time and pid."""
+    return f"{level}_{timestamp()}_{os.getpid()}"
+
+
+def setup_console_logging(verbosity: int) -> logging.Logger:
+    """INFO by default (progress a user can watch), DEBUG with ``-v``; library loggers stay quiet."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.DEBUG)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    logger.addHandler(console)
+    logger.propagate = False
+    return logger
+
+
+def add_file_logging(logs_dir: Path, name: str) -> Path:
+    """Everything at DEBUG into ``logs/<name>.log`` for later inspection."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    path = logs_dir / f"counterseg_{name}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    return path
+
+
+def close_logging() -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def write_run_record(logs_dir: Path, name: str, record: Mapping[str, Any]) -> Path:
+    """The resolved settings, selection and outcome of one run, as JSON."""
+    return atomic_write_json(logs_dir / f"run_{name}.json", dict(record))
+
+
+def write_crash_log(logs_dir: Path, name: str, exc: BaseException) -> Path:
+    """Full traceback of an unexpected failure; falls back to the temp dir if logs_dir is unusable."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    header = f"counterseg crash, {dt.datetime.now().isoformat()}\ncommand: {' '.join(sys.argv)}\n\n"
+    for folder in (logs_dir, Path(os.environ.get("TMPDIR", "/tmp"))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return atomic_write_text(folder / f"crash_{name}.txt", header + text)
+        except Exception:  # the crash log must never raise on top of the crash
+            continue
+    return Path("<nowhere>")

@@ -1,0 +1,232 @@
+"""Run settings: frozen dataclasses, presets, and overrides from a JSON/YAML file.
+
+One place per setting. Precedence, lowest first: dataclass defaults < ``--config`` file <
+flags given on the command line. The resolved settings are saved with every run under
+``<output_dir>/logs/`` so a result can always be traced to what produced it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from bids_app.errors import UsageError
+
+ANALYSIS_LEVELS = ("participant", "group")
+
+#: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
+#: (``sub-01_ses-1_T2w``), ``{entities}`` the same without the suffix (``sub-01_ses-1``).
+DEFAULT_CORD_NAMES: tuple[str, ...] = (
+    "{stem}_label-SC_seg",  # spine-generic (current)
+    "{stem}_label-SC_mask",
+    "{entities}_label-SC_mask",  # BIDS-derivatives style
+    "{stem}_seg-manual",  # spine-generic (legacy)
+    "{stem}_label-SC_softseg",  # contrast-agnostic soft segmentation
+    "{stem}_softseg",
+    "{stem}_seg",  # sct_deepseg_sc / contrast-agnostic default output
+)
+DEFAULT_LESION_NAMES: tuple[str, ...] = (
+    "{stem}_label-lesion_seg",
+    "{stem}_label-lesion_mask",
+    "{entities}_label-lesion_mask",
+    "{stem}_lesion-manual",
+    "{stem}_lesion",
+)
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Which images, derivatives and participants a run uses."""
+
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    contrasts: tuple[str, ...] = ("T2w",)
+    bids_filters: Mapping[str, Any] = field(default_factory=dict)
+    derivatives: tuple[Path, ...] = ()
+    require_derivatives: tuple[str, ...] = ()
+    cord_names: tuple[str, ...] = DEFAULT_CORD_NAMES
+    lesion_names: tuple[str, ...] = DEFAULT_LESION_NAMES
+    healthy_column: str = "pathology"
+    healthy_value: str = "HC"
+    train_participants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """Where and how hard to compute."""
+
+    device: str = "auto"
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one invocation of ``run.py`` needs; saved with the run."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    model_dir: Path
+    bids_database_dir: Path | None = None
+    reset_database: bool = False
+    skip_bids_validation: bool = False
+    preset: str = "default"
+    dry_run: bool = False
+    verbosity: int = 0
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+
+
+#: Presets name a scale of models and data (``tiny``: CPU-sized, for tests and the demo). The preset is
+#: resolved into each component's config when it is trained and saved with its weights.
+PRESETS: tuple[str, ...] = ("default", "tiny")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON or YAML settings file into a nested dict (JSON is valid YAML, so YAML parses both)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"--config {path}: not valid JSON/YAML: {_first_line(exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def merge_overrides(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge two nested override dicts; ``extra`` wins."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_settings(overrides: Mapping[str, Any]) -> RunSettings:
+    """Create validated ``RunSettings`` from a nested dict of values (paths as str or Path)."""
+    required = {"bids_dir", "output_dir", "analysis_level"}
+    missing = sorted(required - set(overrides))
+    if missing:
+        raise UsageError(f"missing required settings: {', '.join(missing)}")
+    values = dict(overrides)
+    output_dir = Path(values["output_dir"])
+    values.setdefault("work_dir", output_dir / "work")
+    values.setdefault("model_dir", output_dir / "models")
+    if values.get("work_dir") is None:
+        values["work_dir"] = output_dir / "work"
+    if values.get("model_dir") is None:
+        values["model_dir"] = output_dir / "models"
+    settings = _build_dataclass(RunSettings, values, "")
+    _check(settings)
+    return settings
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """JSON-ready nested dict of a settings dataclass (Paths as strings, tuples as lists)."""
+    return _to_jsonable(dataclasses.asdict(settings))
+
+
+def _check(settings: RunSettings) -> None:
+    if settings.preset not in PRESETS:
+        raise UsageError(f"unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}")
+    for name in ("nprocs", "omp_nthreads"):
+        value = getattr(settings.compute, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not settings.selection.contrasts:
+        raise UsageError("--contrast needs at least one suffix")
+
+
+def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(
+            f"unknown setting {where}{unknown[0]!r}; known settings here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"bad settings for {where or 'run'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert a JSON/YAML/CLI value to the annotated type, or raise a UsageError naming the setting."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise UsageError(f"setting {where!r} must be a mapping")
+        return _build_dataclass(hint, value, f"{where}.")
+    if origin is tuple:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"setting {where!r} must be a list")
+        return tuple(_coerce(args[0], item, where) for item in value)
+    if origin is not None and origin.__name__ == "Mapping" or hint is dict:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"setting {where!r} must be a mapping")
+        return dict(value)
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise UsageError(f"setting {where!r} must be a path")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"setting {where!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise UsageError(f"setting {where!r} must be an integer, got {value!r}") from None
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise UsageError(f"setting {where!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
