@@ -1,0 +1,209 @@
+"""Both levels end to end on synthetic BIDS datasets: selection, records, outputs, dry runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bids_app import cli
+from bids_app.bids.validate import run_validator
+from bids_app.errors import ExitCode
+
+from tests.conftest import tree_digest
+
+FAST = ["--skip-bids-validation"]
+
+
+def run_cli(*args: object) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def run_record(out: Path, level: str) -> dict:
+    records = sorted((out / "logs").glob(f"run_{level}_*.json"))
+    assert records, f"no run record for {level}"
+    return json.loads(records[-1].read_text())
+
+
+def test_group_level_selects_healthy_participants(simple_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "group", *FAST) == 0
+    training = run_record(out, "group")["training"]
+    assert training["participants"] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert training["excluded"] == {"sub-05": "pathology=MS", "sub-06": "pathology=MS"}
+    assert training["images"] == [f"sub-0{i}/anat/sub-0{i}_T2w.nii.gz" for i in range(1, 5)]
+
+
+def test_healthy_filter_changes_the_column_and_value(dataset_copy: Path, tmp_path: Path) -> None:
+    tsv = dataset_copy / "participants.tsv"
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    header = rows[0] + ["group"]
+    body = [row + (["control"] if row[0] in ("sub-01", "sub-02") else ["patient"]) for row in rows[1:]]
+    tsv.write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n")
+    out = tmp_path / "out"
+    assert run_cli(dataset_copy, out, "group", "--healthy-filter", "group=control", *FAST) == 0
+    assert run_record(out, "group")["training"]["participants"] == ["sub-01", "sub-02"]
+
+
+def test_a_lesion_mask_excludes_a_participant_marked_healthy(dataset_copy: Path, tmp_path: Path) -> None:
+    labels = dataset_copy / "derivatives" / "labels" / "sub-02" / "anat"
+    shutil.copy(labels / "sub-02_T2w_label-SC_seg.nii.gz", labels / "sub-02_T2w_label-lesion_seg.nii.gz")
+    out = tmp_path / "out"
+    assert run_cli(dataset_copy, out, "group", *FAST) == 0
+    training = run_record(out, "group")["training"]
+    assert "sub-02" not in training["participants"]
+    assert training["excluded"]["sub-02"] == "has a lesion mask"
+
+
+def test_train_participants_overrides_the_table(simple_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "group", "--train-participants", "sub-03", "04", *FAST) == 0
+    training = run_record(out, "group")["training"]
+    assert training["participants"] == ["sub-03", "sub-04"]
+    assert training["excluded"]["sub-01"] == "not in --train-participants"
+
+
+def test_participant_level_lists_images_and_masks(simple_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", "sub-01", *FAST) == 0
+    images = run_record(out, "participant")["inputs"]["images"]
+    assert [i["image"] for i in images] == ["sub-01/anat/sub-01_T2w.nii.gz", "sub-05/anat/sub-05_T2w.nii.gz"]
+    assert images[0]["cord_mask"] == "derivatives/labels/sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz"
+    assert images[0]["lesion_mask"] is None
+    assert images[1]["lesion_mask"] == "derivatives/labels/sub-05/anat/sub-05_T2w_label-lesion_seg.nii.gz"
+
+
+def test_participant_labels_from_a_file(simple_dataset: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sub-02\n\n03\n")
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", f"@{labels}", *FAST) == 0
+    subjects = [i["subject"] for i in run_record(out, "participant")["inputs"]["images"]]
+    assert subjects == ["02", "03"]
+
+
+def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "group") == 0
+    assert run_cli(simple_dataset, out, "participant") == 0
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "counterseg"
+    ignored = (out / ".bidsignore").read_text().split()
+    assert {"logs/", "work/", "models/", "figures/"} <= set(ignored)
+    result = run_validator(out)
+    assert result.errors == [], result.errors
+
+
+def test_bids_dir_is_byte_for_byte_unchanged(simple_dataset: Path, tmp_path: Path, capsys) -> None:
+    before = tree_digest(simple_dataset)
+    out, db = tmp_path / "out", tmp_path / "db"
+    assert run_cli(simple_dataset, out, "group", "--bids-database-dir", db) == 0
+    assert run_cli(simple_dataset, out, "participant", "--bids-database-dir", db) == 0
+    assert run_cli(simple_dataset, out, "participant", "--dry-run") == 0
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", "77", *FAST) == ExitCode.NOTHING_SELECTED
+    assert tree_digest(simple_dataset) == before
+
+
+def test_database_dir_is_reused_until_reset(dataset_copy: Path, tmp_path: Path) -> None:
+    out, db = tmp_path / "out", tmp_path / "db"
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST) == 0
+    assert any(db.iterdir())
+    new = dataset_copy / "sub-01" / "anat" / "sub-01_acq-extra_T2w.nii.gz"
+    shutil.copy(dataset_copy / "sub-01" / "anat" / "sub-01_T2w.nii.gz", new)
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST) == 0
+    cached = [i["image"] for i in run_record(out, "participant")["inputs"]["images"]]
+    assert "sub-01/anat/sub-01_acq-extra_T2w.nii.gz" not in cached
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, "--reset-database", *FAST) == 0
+    fresh = [i["image"] for i in run_record(out, "participant")["inputs"]["images"]]
+    assert "sub-01/anat/sub-01_acq-extra_T2w.nii.gz" in fresh
+
+
+def test_dry_run_lists_exactly_the_selected_images(rich_dataset: Path, tmp_path: Path, capsys) -> None:
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"image": {"session": "2", "acquisition": None}}))
+    out = tmp_path / "out"
+    code = run_cli(rich_dataset, out, "participant", "--contrast", "T2w", "T1w",
+                   "--bids-filter-file", filters, "--dry-run")
+    assert code == 0
+    text = capsys.readouterr().out
+    listed = [line.split()[0] for line in text.splitlines() if line.startswith("  sub-")]
+    expected = sorted(f"sub-0{s}/ses-2/anat/sub-0{s}_ses-2_{c}.nii.gz" for s in (1, 2, 3) for c in ("T1w", "T2w"))
+    assert listed == expected
+    cords = [line.split()[-1] for line in text.splitlines() if "cord mask:" in line]
+    assert cords == [
+        "derivatives/labels/" + p.replace(".nii.gz", "_label-SC_seg.nii.gz") for p in expected
+    ]
+    lesions = [line.split()[-1] for line in text.splitlines() if "lesion mask:" in line]
+    assert lesions == ["none"] * 4 + [
+        "derivatives/labels/" + p.replace(".nii.gz", "_label-lesion_seg.nii.gz") for p in expected[4:]
+    ]
+    assert not out.exists(), "a dry run writes nothing"
+
+
+def test_dry_run_group_shows_the_training_selection(rich_dataset: Path, tmp_path: Path, capsys) -> None:
+    assert run_cli(rich_dataset, tmp_path / "out", "group", "--session-label", "1", "--dry-run", *FAST) == 0
+    text = capsys.readouterr().out
+    assert "training participants: sub-01, sub-02" in text
+    assert "excluded sub-03: pathology=MS" in text
+    assert "ses-2" not in text
+
+
+def test_explicit_derivatives_and_legacy_names(dataset_copy: Path, tmp_path: Path) -> None:
+    legacy = tmp_path / "manual"
+    (legacy / "sub-01" / "anat").mkdir(parents=True)
+    source = dataset_copy / "derivatives" / "labels" / "sub-01" / "anat"
+    shutil.copy(source / "sub-01_T2w_label-SC_seg.nii.gz", legacy / "sub-01" / "anat" / "sub-01_T2w_seg-manual.nii.gz")
+    out = tmp_path / "out"
+    args = ["--participant-label", "01", "02", "--derivatives", legacy, *FAST]
+    assert run_cli(dataset_copy, out, "participant", *args) == 0
+    images = run_record(out, "participant")["inputs"]["images"]
+    assert images[0]["cord_mask"] == str(legacy / "sub-01" / "anat" / "sub-01_T2w_seg-manual.nii.gz")
+    assert images[1]["cord_mask"] is None
+    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "cord") == 0
+    kept = run_record(out, "participant")["inputs"]["images"]
+    assert [i["subject"] for i in kept] == ["01"]
+    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "seg-manual") == 0
+    assert [i["subject"] for i in run_record(out, "participant")["inputs"]["images"]] == ["01"]
+    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "lesion") == ExitCode.MISSING_INPUT
+
+
+def test_config_file_overrides_and_flags_win(simple_dataset: Path, tmp_path: Path) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("preset: tiny\ncompute:\n  seed: 7\nselection:\n  participant_labels: ['01']\n")
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "participant", "--config", config, "--seed", "9", *FAST) == 0
+    settings = run_record(out, "participant")["settings"]
+    assert settings["preset"] == "tiny"
+    assert settings["compute"]["seed"] == 9
+    assert settings["selection"]["participant_labels"] == ["01"]
+
+
+@pytest.mark.parametrize("content", ["selection:\n  colour: red\n", "compute: [1, 2]\n", "{broken"])
+def test_bad_config_file_is_usage_error(simple_dataset: Path, tmp_path: Path, content: str) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text(content)
+    assert run_cli(simple_dataset, tmp_path / "out", "participant", "--config", config, *FAST) == ExitCode.USAGE
+
+
+def test_plain_folder_of_niftis_trains_at_group_level_only(simple_dataset: Path, tmp_path: Path, caplog) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for image in sorted(simple_dataset.glob("sub-0[1-3]/anat/*_T2w.nii.gz")):
+        shutil.copy(image, plain / image.name.replace("_T2w", "").replace("sub-", "scan"))
+    out = tmp_path / "out"
+    assert run_cli(plain, out, "group") == 0
+    assert "un-formatted folder of 3 NIfTI" in caplog.text
+    assert run_record(out, "group")["training"]["participants"] == ["sub-scan01", "sub-scan02", "sub-scan03"]
+    assert run_cli(plain, out, "participant") == ExitCode.VALIDATION
+
+
+@pytest.mark.slow
+def test_demo_generates_and_runs_both_levels(tmp_path: Path) -> None:
+    assert run_cli("--demo", tmp_path / "demo") == 0
+    assert (tmp_path / "demo" / "bids" / "dataset_description.json").is_file()
+    out = tmp_path / "demo" / "out"
+    assert run_record(out, "group")["settings"]["preset"] == "tiny"
+    assert run_record(out, "participant")["exit_code"] == 0
+    assert run_cli("--demo", tmp_path / "demo") == 0, "a second demo run reuses the dataset"

@@ -1,0 +1,69 @@
+"""Settings: building, coercion, precedence, and errors that name the setting."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bids_app.errors import UsageError
+from bids_app.settings import build_settings, load_config_file, merge_overrides, settings_to_dict
+
+BASE = {"bids_dir": "/data/bids", "output_dir": "/data/out", "analysis_level": "group"}
+
+
+def test_defaults_derive_work_and_model_dirs_from_output() -> None:
+    settings = build_settings(BASE)
+    assert settings.work_dir == Path("/data/out/work")
+    assert settings.model_dir == Path("/data/out/models")
+    assert settings.selection.contrasts == ("T2w",)
+    assert settings.compute.seed == 0
+
+
+def test_values_are_coerced_to_their_types() -> None:
+    settings = build_settings({**BASE, "selection": {"contrasts": "T1w", "derivatives": ["/d1"]},
+                               "compute": {"nprocs": "4"}})
+    assert settings.selection.contrasts == ("T1w",)
+    assert settings.selection.derivatives == (Path("/d1"),)
+    assert settings.compute.nprocs == 4
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"selection": {"colour": 1}}, "unknown setting selection.'colour'"),
+        ({"compute": {"seed": "abc"}}, "compute.seed"),
+        ({"dry_run": "yes"}, "dry_run"),
+        ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"compute": {"nprocs": 0}}, "--nprocs must be at least 1"),
+        ({"selection": {"contrasts": []}}, "--contrast"),
+    ],
+)
+def test_bad_values_name_the_setting(override: dict, fragment: str) -> None:
+    with pytest.raises(UsageError, match=None) as info:
+        build_settings(merge_overrides(BASE, override))
+    assert fragment in str(info.value)
+
+
+def test_merge_is_deep_and_later_wins() -> None:
+    merged = merge_overrides({"compute": {"seed": 1, "device": "cpu"}}, {"compute": {"seed": 2}})
+    assert merged == {"compute": {"seed": 2, "device": "cpu"}}
+
+
+def test_round_trip_through_json(tmp_path: Path) -> None:
+    settings = build_settings({**BASE, "selection": {"participant_labels": ["01"]}})
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings_to_dict(settings)))
+    assert build_settings(load_config_file(path)) == settings
+
+
+def test_yaml_config_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "a.yaml"
+    good.write_text("compute:\n  device: cpu\n")
+    assert load_config_file(good) == {"compute": {"device": "cpu"}}
+    listed = tmp_path / "b.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="expected a mapping"):
+        load_config_file(listed)
+    with pytest.raises(UsageError, match="cannot read"):
+        load_config_file(tmp_path / "missing.yaml")
