@@ -215,6 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runlog.setup_console_logging(0)
     try:
+        return _main(argv)
+    finally:
+        runlog.close_logging()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from bids_app import runlog
+
+    try:
         args = parse_args(argv)
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
@@ -237,10 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - nothing is written yet, so no crash log
         log.error("counterseg failed unexpectedly before starting: %s: %s", type(exc).__name__, exc)
         return ExitCode.UNEXPECTED
-    try:
-        return _run_level(settings, logs)
-    finally:
-        runlog.close_logging()
+    return _run_level(settings, logs)
 
 
 def _run_level(settings: RunSettings, logs: Path) -> int:
@@ -248,7 +254,8 @@ def _run_level(settings: RunSettings, logs: Path) -> int:
     from bids_app.compute import configure_threads, resolve_device
 
     name = runlog.run_id(settings.analysis_level)
-    log_file = runlog.add_file_logging(logs, name)
+    file_handler = runlog.add_file_logging(logs, name)
+    log_file = file_handler.baseFilename
     started = time.time()
     record: dict[str, Any] = {"version": __version__, "settings": settings_to_dict(settings)}
     code: int = ExitCode.OK
@@ -275,6 +282,7 @@ def _run_level(settings: RunSettings, logs: Path) -> int:
             runlog.write_run_record(logs, name, record)
         except CountersegError as exc:
             code = code or _report(exc)
+        runlog.remove_handler(file_handler)
     return int(code)
 
 
@@ -295,7 +303,7 @@ def run_demo(outdir: Path, args: argparse.Namespace) -> int:
             common += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     common += ["-v"] * getattr(args, "verbosity", 0)
     for level in ("group", "participant"):
-        code = main([str(bids_dir), str(out), level, *common])
+        code = _main([str(bids_dir), str(out), level, *common])
         if code != ExitCode.OK:
             return code
     log.info("demo finished: outputs in %s", out)

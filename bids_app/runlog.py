@@ -39,19 +39,22 @@ def setup_console_logging(verbosity: int) -> logging.Logger:
     console.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
     console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(console)
-    logger.propagate = False
     return logger
 
 
-def add_file_logging(logs_dir: Path, name: str) -> Path:
-    """Everything at DEBUG into ``logs/<name>.log`` for later inspection."""
+def add_file_logging(logs_dir: Path, name: str) -> logging.Handler:
+    """Everything at DEBUG into ``logs/counterseg_<name>.log`` for later inspection."""
     logs_dir.mkdir(parents=True, exist_ok=True)
-    path = logs_dir / f"counterseg_{name}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(logs_dir / f"counterseg_{name}.log", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger(LOGGER_NAME).addHandler(handler)
-    return path
+    return handler
+
+
+def remove_handler(handler: logging.Handler) -> None:
+    logging.getLogger(LOGGER_NAME).removeHandler(handler)
+    handler.close()
 
 
 def close_logging() -> None:

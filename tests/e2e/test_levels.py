@@ -93,7 +93,7 @@ def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Pa
     ignored = (out / ".bidsignore").read_text().split()
     assert {"logs/", "work/", "models/", "figures/"} <= set(ignored)
     result = run_validator(out)
-    assert result.errors == [], result.errors
+    assert not result.errors, result.errors
 
 
 def test_bids_dir_is_byte_for_byte_unchanged(simple_dataset: Path, tmp_path: Path, capsys) -> None:
