@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from bids_app.errors import BadDataError
+from bids_app.errors import BadDataError, MissingInputError
 
 PLAN_FILE = "preprocessing_plan.json"
 PLAN_FORMAT = 1
@@ -83,11 +83,11 @@ def save_plan(plan: PreprocessingPlan, directory: Path) -> Path:
 
 
 def load_plan(directory: Path) -> PreprocessingPlan:
-    """Read the plan of a model directory; a missing or invalid plan is bad data (65)."""
+    """Read the plan of a model directory: missing is exit 66, invalid is bad data (65)."""
     path = Path(directory) / PLAN_FILE
     try:
         return PreprocessingPlan.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError as exc:
-        raise BadDataError(f"{path}: missing: the model directory has no preprocessing plan") from exc
+        raise MissingInputError(f"{path}: missing: the model directory has no preprocessing plan") from exc
     except (OSError, ValueError, TypeError) as exc:
         raise BadDataError(f"{path}: invalid preprocessing plan: {exc}") from exc
