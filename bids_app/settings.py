@@ -1,6 +1,6 @@
 """Run settings: frozen dataclasses, presets, and overrides from a JSON/YAML file.
 
-One place per setting. Precedence, lowest first: dataclass defaults < ``--config`` file <
+One place per setting. Precedence, lowest first: dataclass defaults < preset < ``--config`` file <
 flags given on the command line. The resolved settings are saved with every run under
 ``<output_dir>/logs/`` so a result can always be traced to what produced it.
 """
@@ -56,6 +56,21 @@ class SelectionSettings:
 
 
 @dataclass(frozen=True)
+class PreprocessingSettings:
+    """Data decisions; unset spacing/shape are derived from the training data's fingerprint."""
+
+    target_spacing: tuple[float, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] = (64, 64, 128)
+    shape_multiple: int = 16
+    percentiles: tuple[float, ...] = (0.5, 99.5)
+    image_order: int = 1
+    mask_interpolation: str = "nearest"
+    max_nonfinite_fraction: float = 0.001
+    validation_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
     """Where and how hard to compute."""
 
@@ -81,12 +96,16 @@ class RunSettings:
     dry_run: bool = False
     verbosity: int = 0
     selection: SelectionSettings = field(default_factory=SelectionSettings)
+    preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
 
 
-#: Presets name a scale of models and data (``tiny``: CPU-sized, for tests and the demo). The preset is
-#: resolved into each component's config when it is trained and saved with its weights.
-PRESETS: tuple[str, ...] = ("default", "tiny")
+#: Presets name a scale of models and data (``tiny``: CPU-sized, for tests and the demo): overrides
+#: applied over the defaults and under the user's ``--config`` and flags.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"preprocessing": {"max_shape": (32, 32, 32)}},
+}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -125,7 +144,10 @@ def build_settings(overrides: Mapping[str, Any]) -> RunSettings:
     missing = sorted(required - set(overrides))
     if missing:
         raise UsageError(f"missing required settings: {', '.join(missing)}")
-    values = dict(overrides)
+    preset = overrides.get("preset", "default")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = merge_overrides(PRESETS[preset], overrides)
     output_dir = Path(values["output_dir"])
     values.setdefault("work_dir", output_dir / "work")
     values.setdefault("model_dir", output_dir / "models")
@@ -150,6 +172,14 @@ def _check(settings: RunSettings) -> None:
         value = getattr(settings.compute, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    prep = settings.preprocessing
+    for name in ("target_spacing", "target_shape", "max_shape", "percentiles"):
+        value = getattr(prep, name)
+        expected = 2 if name == "percentiles" else 3
+        if value is not None and len(value) != expected:
+            raise UsageError(f"preprocessing.{name} needs {expected} values, got {list(value)}")
+    if not 0 <= prep.validation_fraction < 1:
+        raise UsageError(f"preprocessing.validation_fraction must be in [0, 1), got {prep.validation_fraction}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
 
@@ -211,6 +241,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ValueError:
                 raise UsageError(f"setting {where!r} must be an integer, got {value!r}") from None
         return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise UsageError(f"setting {where!r} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"setting {where!r} must be a number, got {value!r}") from None
     if hint is str:
         if not isinstance(value, str):
             raise UsageError(f"setting {where!r} must be a string, got {value!r}")
