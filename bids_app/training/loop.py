@@ -1,0 +1,210 @@
+"""The training loop every stage shares: resume, budgets, AMP, safe optimiser steps, logs, checkpoints.
+
+Read top to bottom (as nanoGPT's train.py): ``run_stage`` resumes from the stage's latest
+checkpoint when there is one, runs ``stage.train_step(step)`` until ``max_steps`` or the wall-clock
+budget, logs losses to ``losses.jsonl`` and checkpoints atomically every ``checkpoint_every`` steps.
+A stage that draws its data order and noise from its own seeded generator, whose state is in the
+checkpoint, resumes bitwise identically on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Protocol
+
+import torch
+
+from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "latest.pt"
+LOSSES_NAME = "losses.jsonl"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a stage stops, and how often it reports and checkpoints."""
+
+    max_steps: int
+    max_time_s: float | None = None
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class StageResult:
+    steps: int
+    stopped_by: str
+    seconds: float
+    last_metrics: Mapping[str, float]
+
+
+class Stage(Protocol):
+    """What the loop needs from a stage; the stage owns its models, optimisers and data."""
+
+    name: str
+
+    def train_step(self, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, is_main: bool = True) -> StageResult:
+    """Train ``stage`` to its budget, resuming from ``checkpoint_dir/latest.pt`` if present."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint = checkpoint_dir / CHECKPOINT_NAME
+    start = 0
+    if checkpoint.is_file():
+        payload = load_checkpoint(checkpoint)
+        stage.load_state_dict(payload["stage"])
+        start = int(payload["step"])
+        log.info("%s: resuming from step %d (%s)", stage.name, start, checkpoint)
+    losses = checkpoint_dir / LOSSES_NAME
+    if is_main:
+        _truncate_log(losses, start)
+    started = time.monotonic()
+    metrics: dict[str, float] = {}
+    stopped_by = "max_steps"
+    step = start
+    with _progress(stage.name, start, budget.max_steps, is_main) as progress:
+        while step < budget.max_steps:
+            metrics = stage.train_step(step)
+            step += 1
+            elapsed = time.monotonic() - started
+            out_of_time = budget.max_time_s is not None and elapsed >= budget.max_time_s
+            if is_main:
+                _append_log(losses, {"step": step, "time_s": round(elapsed, 3), **metrics})
+                progress(step, metrics)
+                if step % budget.log_every == 0 or step == budget.max_steps:
+                    rate = (step - start) / max(elapsed, 1e-9)
+                    eta = (budget.max_steps - step) / max(rate, 1e-9)
+                    log.info("%s step %d/%d %s (%.2f it/s, ETA %s)", stage.name, step, budget.max_steps,
+                             _format(metrics), rate, _duration(eta))
+            if is_main and (step % budget.checkpoint_every == 0 or step == budget.max_steps or out_of_time):
+                save_checkpoint(checkpoint, {"step": step, "stage": stage.state_dict()})
+            if out_of_time and step < budget.max_steps:
+                stopped_by = "max_time"
+                log.warning("%s: wall-clock budget of %.0f s reached at step %d", stage.name, budget.max_time_s, step)
+                break
+    return StageResult(step, stopped_by, time.monotonic() - started, metrics)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    scaler: torch.amp.GradScaler | None = None,
+    clip_norm: float | None = 1.0,
+    name: str = "loss",
+) -> bool:
+    """Backward, unscale, clip, step. A non-finite loss or gradient skips the step (and says so)
+    instead of corrupting the weights; returns whether the step was taken."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss.detach()).all():
+        log.warning("skipped an optimiser step: %s is %s", name, loss.detach().float().cpu().tolist())
+        return False
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        log.warning("skipped an optimiser step: non-finite gradient norm for %s", name)
+        return False
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return True
+
+
+def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast where supported on CUDA, fp16 otherwise on CUDA; full precision on CPU."""
+    dtype = amp_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def amp_dtype(device: str, precision: str = "auto") -> torch.dtype | None:
+    if precision == "fp32" or not str(device).startswith("cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def make_scaler(device: str, precision: str = "auto") -> torch.amp.GradScaler | None:
+    """A grad scaler only for fp16 (bf16 has fp32's range)."""
+    return torch.amp.GradScaler("cuda") if amp_dtype(device, precision) == torch.float16 else None
+
+
+def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[int]:
+    """The items of a step's batch: epochs of seeded permutations, a pure function of the step so a
+    resumed run draws exactly the batches the interrupted one would have drawn."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n_items)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+@contextlib.contextmanager
+def _progress(name: str, start: int, total: int, is_main: bool) -> Iterator[Any]:
+    """A tqdm bar on a terminal; elsewhere (clusters, CI) the periodic log lines are the progress."""
+    if not (is_main and sys.stderr.isatty()):
+        yield lambda step, metrics: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+
+    def update(step: int, metrics: Mapping[str, float]) -> None:
+        bar.n = step
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=True)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
