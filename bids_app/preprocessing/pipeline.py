@@ -1,0 +1,203 @@
+"""Native NIfTI -> model-space volume (with a trace) and back: the preprocessing entry points.
+
+Forward, in this order: load (checks, scaling, non-finite repair), reorient to RAS, resample to
+the plan's spacing, normalise intensities, crop/pad to the plan's shape. Each op records what it
+did in the :class:`Trace`; :func:`to_native` replays the records backwards onto the source grid.
+Everything a user can get wrong about an input file is a :class:`BadDataError` naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import nibabel as nib
+import numpy as np
+
+from bids_app.errors import BadDataError
+from bids_app.preprocessing.ops import CropPad, Normalize, Op, Reorient, Resample, Volume
+from bids_app.preprocessing.plan import PreprocessingPlan
+from bids_app.preprocessing.trace import SourceGeometry, Trace
+
+logger = logging.getLogger(__name__)
+
+CORD = "cord"  # the mask name that centres the crop window
+AFFINE_ATOL_MM = 1e-4  # masks written by other tools carry float32-rounded affines
+
+
+@dataclass(frozen=True, eq=False)
+class Preprocessed:
+    """A model-space volume: image in [-1, 1], 0/1 masks, real-voxel flags, trace and affine."""
+
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    valid: np.ndarray
+    trace: Trace
+    affine: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checks
+# --------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file (header only), or raise BadDataError naming it."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError as exc:
+        raise BadDataError(f"{path}: file not found") from exc
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as exc:
+        raise BadDataError(f"{path}: cannot read NIfTI image ({exc})") from exc
+
+
+def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """The 3D grid of an image; trailing singleton dimensions (one volume) are dropped."""
+    if len(shape) > 3:
+        volumes = int(np.prod(shape[3:]))
+        if volumes != 1:
+            raise BadDataError(f"{path}: {len(shape)}D image with {volumes} volumes; "
+                               "counterseg needs a 3D image")
+    if len(shape) < 3:
+        raise BadDataError(f"{path}: {len(shape)}D image (shape {tuple(shape)}); counterseg needs a 3D image")
+    if min(shape[:3]) < 2:
+        raise BadDataError(f"{path}: image has a single voxel along an axis (shape {tuple(shape)}), "
+                           "a 2D slice; counterseg needs a 3D image")
+    return tuple(int(s) for s in shape[:3])  # type: ignore[return-value]
+
+
+def _load_data(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    """All voxels as float32 with scl_slope/scl_inter applied, squeezed to 3D."""
+    shape = _spatial_shape(tuple(img.shape), path)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise BadDataError(f"{path}: cannot read the voxel data ({exc})") from exc
+    return data.reshape(shape)
+
+
+def _check_affine(affine: np.ndarray, path: Path) -> None:
+    """A voxel grid must map to world space invertibly, or no geometry step means anything."""
+    if not np.all(np.isfinite(affine)):
+        raise BadDataError(f"{path}: the affine (qform/sform) has non-finite entries")
+    linear = affine[:3, :3]
+    sizes = np.sqrt(np.sum(linear ** 2, axis=0))
+    if np.min(sizes) <= 0 or abs(np.linalg.det(linear)) <= 1e-6 * np.prod(sizes):
+        raise BadDataError(f"{path}: the affine (qform/sform) is singular; the voxel grid has no "
+                           "valid world orientation")
+
+
+def _repair_nonfinite(data: np.ndarray, path: Path, plan: PreprocessingPlan) -> int:
+    """Replace a few NaN/Inf voxels by the background (low-percentile) value in place; count them.
+
+    A few bad voxels (a reconstruction glitch) should not stop a run; many mean the file is broken.
+    """
+    bad = ~np.isfinite(data)
+    count = int(bad.sum())
+    if count == 0:
+        return 0
+    fraction = count / data.size
+    if fraction > plan.max_nonfinite_fraction or count == data.size:
+        raise BadDataError(f"{path}: {count} of {data.size} voxels ({fraction:.3%}) are NaN or infinite; "
+                           f"at most {plan.max_nonfinite_fraction:.3%} are allowed")
+    fill = float(np.percentile(data[~bad], plan.percentiles[0]))
+    data[bad] = fill
+    logger.warning("%s: replaced %d NaN/infinite voxel(s) by the background value %.4g", path, count, fill)
+    return count
+
+
+def _load_mask(path: Path, name: str, image_path: Path, shape: tuple[int, int, int],
+               affine: np.ndarray) -> np.ndarray:
+    """A 0/1 uint8 mask on the image's grid; a different grid is bad data, other values warn."""
+    img = _read(path)
+    mask_shape = tuple(img.shape)
+    if len(mask_shape) < 3 or _spatial_shape(mask_shape, path) != shape:
+        raise BadDataError(f"{path}: {name} mask shape {mask_shape} does not match the shape {shape} "
+                           f"of image {image_path}")
+    maffine = np.asarray(img.affine, dtype=np.float64)
+    if not np.allclose(maffine, affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
+        diff = float(np.max(np.abs(maffine - affine)))
+        raise BadDataError(f"{path}: {name} mask affine differs from the affine of image {image_path} "
+                           f"(largest difference {diff:.4g}); the mask is not on the image grid")
+    data = _load_data(img, path)
+    binary = (data == 0) | (data == 1)
+    if not np.all(binary):
+        values = np.unique(data[~binary])
+        logger.warning("%s: %s mask has %d voxel(s) with values other than 0 and 1 (e.g. %s); "
+                       "binarised at > 0.5", path, name, int((~binary).sum()), values[:3].tolist())
+    return (data > 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and inverse
+# --------------------------------------------------------------------------------------------
+
+
+def build_ops(plan: PreprocessingPlan, centre_mask: str | None = CORD) -> list[Op]:
+    """The forward ops of a plan, in the order they run."""
+    return [
+        Reorient(),
+        Resample(tuple(plan.target_spacing), plan.image_order, plan.mask_interpolation),  # type: ignore[arg-type]
+        Normalize(tuple(plan.percentiles)),  # type: ignore[arg-type]
+        CropPad(tuple(plan.target_shape), centre_mask=centre_mask),  # type: ignore[arg-type]
+    ]
+
+
+def _report(trace: Trace, path: Path) -> None:
+    """Warn about what the ops flagged, naming the file they flagged it for."""
+    for record in trace.records:
+        if record.op == Normalize.name and record.params.get("flat"):
+            logger.warning("%s: image intensities are flat (%.4g); normalised without contrast",
+                           path, record.params["low"])
+        if record.op == CropPad.name and record.params.get("cord_cut"):
+            logger.warning("%s: the cord mask is larger than the target shape %s; the crop cuts it",
+                           path, record.params["out_shape"])
+
+
+def preprocess(image_path: Path, plan: PreprocessingPlan,
+               masks: Mapping[str, Path] | None = None) -> Preprocessed:
+    """Bring a native image (and masks on its grid) into model space, recording a trace.
+
+    The ``"cord"`` mask, when given and not empty, centres the crop window; otherwise the
+    window is centred on the image (with a warning for an empty cord mask).
+    """
+    image_path = Path(image_path)
+    img = _read(image_path)
+    data = _load_data(img, image_path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(affine, image_path)
+    trace = Trace(SourceGeometry.from_image(img, str(image_path)))
+    trace.nonfinite_replaced = _repair_nonfinite(data, image_path, plan)
+
+    mask_arrays = {name: _load_mask(Path(p), name, image_path, data.shape, affine)
+                   for name, p in (masks or {}).items()}
+    centre_mask: str | None = CORD
+    if CORD in mask_arrays and not mask_arrays[CORD].any():
+        logger.warning("%s: cord mask %s is empty; the crop is centred on the image centre",
+                       image_path, masks[CORD])  # type: ignore[index]
+        centre_mask = None
+
+    vol = Volume.from_arrays(data, affine, mask_arrays)
+    for op in build_ops(plan, centre_mask):
+        vol, record = op.forward(vol)
+        trace.push(record)
+    crop = trace.records[-1].params
+    if centre_mask and CORD in mask_arrays and crop["centred_on"] != CORD:
+        logger.warning("%s: the cord mask vanished on resampling to %s mm; crop centred on the image",
+                       image_path, plan.target_spacing)
+    _report(trace, image_path)
+    logger.debug("%s: preprocessed to %s (records: %s)", image_path, vol.image.shape,
+                 [r.op for r in trace.records])
+    return Preprocessed(image=vol.image, masks=vol.masks, valid=vol.valid, trace=trace, affine=vol.affine)
+
+
+def to_native(array: np.ndarray, trace: Trace, kind: str) -> nib.Nifti1Image:
+    """Map a model-space array back onto the exact source grid and header geometry.
+
+    ``kind``: ``"image"`` (plan spline order, de-normalised; voxels outside the crop window get
+    the low-percentile background, i.e. model value -1), ``"probability"`` (linear, 0 outside),
+    ``"mask"`` (linear as a probability, then >= 0.5; 0 outside; uint8).
+    """
+    return trace.source.to_nifti(trace.inverse(array, kind), kind)
