@@ -15,7 +15,10 @@ from bids_app.bids.derivatives import unique_output_names
 from bids_app.bids.images import inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BidsValidationError
+from bids_app.preprocessing.plan import PLAN_FILE, PreprocessingPlan, load_plan
 from bids_app.settings import RunSettings
+from bids_app.training.preparation import describe as describe_preparation
+from bids_app.training.preparation import prepare_training_data
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,10 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
         ", ".join(f"sub-{s}" for s in training.participants),
     )
     _check_readable(training.images)
-    log.warning(
-        "no training stage is part of this version: the selection is recorded, no model is written to %s",
-        settings.model_dir,
-    )
+    prepared = prepare_training_data(settings, training)
     return {
         "inputs": _describe_inputs(inputs, settings.bids_dir),
+        "preprocessing": describe_preparation(prepared),
         "training": {
             "participants": [f"sub-{s}" for s in training.participants],
             "images": [r.relpath for r in training.images],
@@ -98,8 +99,14 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
     for record in inputs.images:
         log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
                  _short(record.cord_mask), _short(record.lesion_mask))
+    record: dict[str, Any] = {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
+    if (settings.model_dir / PLAN_FILE).is_file():
+        plan = load_plan(settings.model_dir)
+        record["model_space"] = {r.relpath: _model_space_check(r, plan) for r in inputs.images}
+    else:
+        log.warning("no preprocessing plan in %s: run the group level first", settings.model_dir)
     log.warning("no segmentation stage is part of this version: no lesion mask is written")
-    return {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
+    return record
 
 
 def dry_run_listing(settings: RunSettings) -> str:
@@ -138,6 +145,18 @@ def _discover_plain_folder(settings: RunSettings) -> Inputs:
     subjects = tuple(sorted({r.subject for r in images}))
     training = bids_layout.TrainingSelection(images=tuple(images), participants=subjects, excluded={})
     return Inputs(tuple(images), (), False, training)
+
+
+def _model_space_check(record: bids_layout.ImageRecord, plan: PreprocessingPlan) -> dict[str, Any]:
+    """Preprocess an image with the model's plan (what inference will see) and summarise it."""
+    from bids_app.preprocessing.pipeline import preprocess
+
+    masks = {"cord": record.cord_mask} if record.cord_mask is not None else {}
+    result = preprocess(record.image, plan, masks=masks)
+    valid = float(result.valid.mean())
+    log.info("%s -> model space %s, %.0f%% of voxels from the image", record.relpath,
+             "x".join(map(str, result.image.shape)), 100 * valid)
+    return {"shape": list(result.image.shape), "valid_fraction": round(valid, 4)}
 
 
 def _check_readable(records: Sequence[bids_layout.ImageRecord]) -> None:

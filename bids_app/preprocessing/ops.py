@@ -329,14 +329,16 @@ class CropPad:
         bbox = bounding_box(vol.masks.get(self.centre_mask) if self.centre_mask else None)
         centre = (np.asarray(shape) - 1) / 2.0 if bbox is None else (bbox[0] + bbox[1]) / 2.0
         start = tuple(window_start(n, t, float(c)) for n, t, c in zip(shape, target, centre))
-        cut = bbox is not None and bool(np.any(bbox[1] - bbox[0] + 1 > np.asarray(target)))
+        cut_axes = [] if bbox is None else [int(a) for a in np.nonzero(bbox[1] - bbox[0] + 1 > np.asarray(target))[0]]
+        cut = bool(cut_axes)
         out = Volume(image=take_window(vol.image, start, target, self.pad_value),
                      masks={k: take_window(m, start, target, 0) for k, m in vol.masks.items()},
                      affine=vol.affine @ index_affine(np.ones(3), np.asarray(start, dtype=float)),
                      valid=take_window(vol.valid, start, target, False))
         return out, OpRecord(self.name, {
             "in_shape": list(shape), "start": list(start), "out_shape": list(target),
-            "centred_on": "image" if bbox is None else str(self.centre_mask), "cord_cut": cut})
+            "centred_on": "image" if bbox is None else str(self.centre_mask), "cord_cut": cut,
+            "cord_cut_axes": cut_axes})
 
     @staticmethod
     def inverse(array: np.ndarray, params: Mapping[str, Any], kind: str) -> np.ndarray:

@@ -152,8 +152,12 @@ def _report(trace: Trace, path: Path) -> None:
             logger.warning("%s: image intensities are flat (%.4g); normalised without contrast",
                            path, record.params["low"])
         if record.op == CropPad.name and record.params.get("cord_cut"):
-            logger.warning("%s: the cord mask is larger than the target shape %s; the crop cuts it",
-                           path, record.params["out_shape"])
+            # The cord runs the whole superior-inferior length of most images: a cut along S (RAS
+            # axis 2) is expected; a cut across the cord (R or A) loses anatomy the model needs.
+            across = [a for a in record.params.get("cord_cut_axes", [0]) if a != 2]
+            report = logger.warning if across else logger.debug
+            report("%s: the cord mask is larger than the target shape %s along %s; the crop cuts it",
+                   path, record.params["out_shape"], "/".join("RAS"[a] for a in record.params.get("cord_cut_axes", [])))
 
 
 def preprocess(image_path: Path, plan: PreprocessingPlan,

@@ -207,3 +207,39 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path) -> None:
     assert run_record(out, "group")["settings"]["preset"] == "tiny"
     assert run_record(out, "participant")["exit_code"] == 0
     assert run_cli("--demo", tmp_path / "demo") == 0, "a second demo run reuses the dataset"
+
+
+def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST) == 0
+    models = out / "models"
+    plan = json.loads((models / "preprocessing_plan.json").read_text())
+    fingerprint = json.loads((models / "dataset_fingerprint.json").read_text())
+    split = json.loads((models / "split.json").read_text())
+    assert plan["target_shape"] == [32, 32, 32], "the tiny preset caps the shape"
+    assert plan["target_spacing"] == [round(s, 3) for s in fingerprint["median_spacing"]]
+    assert sorted(split["train"] + split["validation"]) == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert split["validation"] and not set(split["train"]) & set(split["validation"])
+    trained_on = {Path(i["image"]).name.split("_")[0] for i in fingerprint["images"]}
+    assert trained_on == set(split["train"]), "the fingerprint sees training images only"
+    assert len(list((out / "work" / "cache").glob("*.npz"))) == 4
+    record = run_record(out, "group")
+    assert record["preprocessing"]["split"] == split
+
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", *FAST) == 0
+    model_space = run_record(out, "participant")["model_space"]
+    assert model_space["sub-05/anat/sub-05_T2w.nii.gz"]["shape"] == [32, 32, 32]
+
+
+def test_an_existing_plan_is_kept_on_rerun(simple_dataset: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "out"
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST) == 0
+    first = (out / "models" / "preprocessing_plan.json").read_text()
+    config = tmp_path / "c.yaml"
+    config.write_text("preprocessing:\n  target_spacing: [2.0, 2.0, 2.0]\n")
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", "--config", config, *FAST) == 0
+    assert (out / "models" / "preprocessing_plan.json").read_text() == first
+    assert "preprocessing.target_spacing=[2.0, 2.0, 2.0] is ignored" in caplog.text
+    fresh = tmp_path / "fresh"
+    assert run_cli(simple_dataset, fresh, "group", "--preset", "tiny", "--config", config, *FAST) == 0
+    assert json.loads((fresh / "models" / "preprocessing_plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.0]
