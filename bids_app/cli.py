@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--nprocs", "--n-cpus", type=int, metavar="N", help="maximum number of processes/threads")
     _flag(run, "--omp-nthreads", type=int, metavar="N", help="threads per process (torch intra-op)")
     _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
+    _flag(run, "--stages", nargs="+", metavar="STAGE",
+          help="group level: training stages to run, in order (default: vqgan diffusion)")
+    _flag(run, "--retrain", action="store_true", help="group level: retrain stages that already finished")
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
     _flag(run, "--demo", metavar="OUTDIR", type=Path,
           help="generate the synthetic dataset in OUTDIR/bids and run both levels (tiny preset) into OUTDIR/out")
@@ -149,6 +152,13 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         selection["healthy_column"], selection["healthy_value"] = column, value
     if selection:
         cli["selection"] = selection
+    training: dict[str, Any] = {}
+    if "stages" in args:
+        training["stages"] = tuple(args.stages)
+    if "retrain" in args:
+        training["retrain"] = args.retrain
+    if training:
+        cli["training"] = training
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
     if compute:
         cli["compute"] = compute

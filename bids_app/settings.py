@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from bids_app.errors import UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
+TRAINING_STAGES = ("vqgan", "diffusion")
 
 #: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
 #: (``sub-01_ses-1_T2w``), ``{entities}`` the same without the suffix (``sub-01_ses-1``).
@@ -71,6 +72,62 @@ class PreprocessingSettings:
 
 
 @dataclass(frozen=True)
+class StageSettings:
+    """Budget and optimiser of one training stage."""
+
+    max_steps: int = 2000
+    max_time_s: float | None = None
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    checkpoint_every: int = 100
+    log_every: int = 20
+    figure_every: int = 500
+    precision: str = "auto"
+    clip_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class VQGANStageSettings(StageSettings):
+    """Autoencoder stage: adversarial terms start after ``disc_start`` steps (warm-up)."""
+
+    disc_start: int = 500
+    disc_weight: float = 0.1
+    feature_matching_weight: float = 1.0
+    slices_per_volume: int = 4
+    crop_shape: tuple[int, ...] | None = None
+    perceptual_weights: Path | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionStageSettings(StageSettings):
+    """Latent diffusion stage."""
+
+    ema_decay: float = 0.999
+    loss: str = "l2"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Which stages run and how; a finished stage is skipped unless ``retrain``."""
+
+    stages: tuple[str, ...] = ("vqgan", "diffusion")
+    retrain: bool = False
+    augment: bool = True
+    vqgan: VQGANStageSettings = field(default_factory=VQGANStageSettings)
+    diffusion: DiffusionStageSettings = field(default_factory=DiffusionStageSettings)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Architecture overrides over the preset's component configs (saved with each component)."""
+
+    vqgan: Mapping[str, Any] = field(default_factory=dict)
+    discriminator: Mapping[str, Any] = field(default_factory=dict)
+    unet: Mapping[str, Any] = field(default_factory=dict)
+    scheduler: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
     """Where and how hard to compute."""
 
@@ -97,6 +154,8 @@ class RunSettings:
     verbosity: int = 0
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
 
 
@@ -104,7 +163,15 @@ class RunSettings:
 #: applied over the defaults and under the user's ``--config`` and flags.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "tiny": {"preprocessing": {"max_shape": (32, 32, 32)}},
+    "tiny": {
+        "preprocessing": {"max_shape": (32, 32, 32)},
+        "training": {
+            "vqgan": {"max_steps": 60, "batch_size": 2, "learning_rate": 1e-3, "disc_start": 40,
+                      "checkpoint_every": 20, "log_every": 10, "figure_every": 30},
+            "diffusion": {"max_steps": 80, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9,
+                          "checkpoint_every": 20, "log_every": 10, "figure_every": 40},
+        },
+    },
 }
 
 
@@ -180,6 +247,9 @@ def _check(settings: RunSettings) -> None:
             raise UsageError(f"preprocessing.{name} needs {expected} values, got {list(value)}")
     if not 0 <= prep.validation_fraction < 1:
         raise UsageError(f"preprocessing.validation_fraction must be in [0, 1), got {prep.validation_fraction}")
+    unknown = sorted(set(settings.training.stages) - set(TRAINING_STAGES))
+    if unknown:
+        raise UsageError(f"unknown training stage {unknown[0]!r}; choose from {', '.join(TRAINING_STAGES)}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
 
