@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--omp-nthreads", type=int, metavar="N", help="threads per process (torch intra-op)")
     _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
     _flag(run, "--stages", nargs="+", metavar="STAGE",
-          help="group level: training stages to run, in order (default: vqgan diffusion)")
+          help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion (default: vqgan diffusion)")
     _flag(run, "--retrain", action="store_true", help="group level: retrain stages that already finished")
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
     _flag(run, "--demo", metavar="OUTDIR", type=Path,

@@ -19,6 +19,7 @@ from bids_app.preprocessing.plan import PLAN_FILE, PreprocessingPlan, load_plan
 from bids_app.settings import RunSettings
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
+from bids_app.training.group import train_models
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,11 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
     )
     _check_readable(training.images)
     prepared = prepare_training_data(settings, training)
+    models = train_models(settings, prepared, device)
     return {
         "inputs": _describe_inputs(inputs, settings.bids_dir),
         "preprocessing": describe_preparation(prepared),
+        "models": models,
         "training": {
             "participants": [f"sub-{s}" for s in training.participants],
             "images": [r.relpath for r in training.images],

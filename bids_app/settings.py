@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from bids_app.errors import UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
-TRAINING_STAGES = ("vqgan", "diffusion")
+TRAINING_STAGES = ("plan", "vqgan", "diffusion")  # "plan" (data preparation) always runs first
 
 #: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
 #: (``sub-01_ses-1_T2w``), ``{entities}`` the same without the suffix (``sub-01_ses-1``).
@@ -93,7 +93,6 @@ class VQGANStageSettings(StageSettings):
     disc_start: int = 500
     disc_weight: float = 0.1
     feature_matching_weight: float = 1.0
-    slices_per_volume: int = 4
     crop_shape: tuple[int, ...] | None = None
     perceptual_weights: Path | None = None
 

@@ -156,15 +156,31 @@ def make_scaler(device: str, precision: str = "auto") -> torch.amp.GradScaler | 
     return torch.amp.GradScaler("cuda") if amp_dtype(device, precision) == torch.float16 else None
 
 
-def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[int]:
-    """The items of a step's batch: epochs of seeded permutations, a pure function of the step so a
-    resumed run draws exactly the batches the interrupted one would have drawn."""
-    indices = []
+def batch_items(step: int, batch_size: int, n_items: int, seed: int) -> list[tuple[int, int]]:
+    """(epoch, item) pairs of a step's batch: epochs of seeded permutations, a pure function of the
+    step so a resumed run draws exactly the batches the interrupted one would have drawn."""
+    items = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, n_items)
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        indices.append(int(order[offset]))
-    return indices
+        items.append((epoch, int(order[offset])))
+    return items
+
+
+def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[int]:
+    return [index for _, index in batch_items(step, batch_size, n_items, seed)]
+
+
+def load_batch(dataset: Any, step: int, batch_size: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+    """Stack the step's items (each drawn with its epoch's augmentation) into device tensors."""
+    tensors: dict[str, list[torch.Tensor]] = {}
+    for epoch, index in batch_items(step, batch_size, len(dataset), seed):
+        dataset.set_epoch(epoch)
+        item = dataset[index]
+        for name, value in item.items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(name, []).append(value)
+    return {name: torch.stack(values).to(device) for name, values in tensors.items()}
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -1,6 +1,7 @@
 """Both levels end to end on synthetic BIDS datasets: selection, records, outputs, dry runs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from bids_app.errors import ExitCode
 from tests.conftest import tree_digest
 
 FAST = ["--skip-bids-validation"]
+PLAN = ["--stages", "plan"]
 
 
 def run_cli(*args: object) -> int:
@@ -28,7 +30,7 @@ def run_record(out: Path, level: str) -> dict:
 
 def test_group_level_selects_healthy_participants(simple_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "group", *FAST) == 0
+    assert run_cli(simple_dataset, out, "group", *FAST, *PLAN) == 0
     training = run_record(out, "group")["training"]
     assert training["participants"] == ["sub-01", "sub-02", "sub-03", "sub-04"]
     assert training["excluded"] == {"sub-05": "pathology=MS", "sub-06": "pathology=MS"}
@@ -42,7 +44,7 @@ def test_healthy_filter_changes_the_column_and_value(dataset_copy: Path, tmp_pat
     body = [row + (["control"] if row[0] in ("sub-01", "sub-02") else ["patient"]) for row in rows[1:]]
     tsv.write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n")
     out = tmp_path / "out"
-    assert run_cli(dataset_copy, out, "group", "--healthy-filter", "group=control", *FAST) == 0
+    assert run_cli(dataset_copy, out, "group", "--healthy-filter", "group=control", *FAST, *PLAN) == 0
     assert run_record(out, "group")["training"]["participants"] == ["sub-01", "sub-02"]
 
 
@@ -50,7 +52,7 @@ def test_a_lesion_mask_excludes_a_participant_marked_healthy(dataset_copy: Path,
     labels = dataset_copy / "derivatives" / "labels" / "sub-02" / "anat"
     shutil.copy(labels / "sub-02_T2w_label-SC_seg.nii.gz", labels / "sub-02_T2w_label-lesion_seg.nii.gz")
     out = tmp_path / "out"
-    assert run_cli(dataset_copy, out, "group", *FAST) == 0
+    assert run_cli(dataset_copy, out, "group", *FAST, *PLAN) == 0
     training = run_record(out, "group")["training"]
     assert "sub-02" not in training["participants"]
     assert training["excluded"]["sub-02"] == "has a lesion mask"
@@ -58,7 +60,7 @@ def test_a_lesion_mask_excludes_a_participant_marked_healthy(dataset_copy: Path,
 
 def test_train_participants_overrides_the_table(simple_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "group", "--train-participants", "sub-03", "04", *FAST) == 0
+    assert run_cli(simple_dataset, out, "group", "--train-participants", "sub-03", "04", *FAST, *PLAN) == 0
     training = run_record(out, "group")["training"]
     assert training["participants"] == ["sub-03", "sub-04"]
     assert training["excluded"]["sub-01"] == "not in --train-participants"
@@ -85,7 +87,7 @@ def test_participant_labels_from_a_file(simple_dataset: Path, tmp_path: Path) ->
 
 def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "group") == 0
+    assert run_cli(simple_dataset, out, "group", *PLAN) == 0
     assert run_cli(simple_dataset, out, "participant") == 0
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
@@ -99,7 +101,7 @@ def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Pa
 def test_bids_dir_is_byte_for_byte_unchanged(simple_dataset: Path, tmp_path: Path, capsys) -> None:
     before = tree_digest(simple_dataset)
     out, db = tmp_path / "out", tmp_path / "db"
-    assert run_cli(simple_dataset, out, "group", "--bids-database-dir", db) == 0
+    assert run_cli(simple_dataset, out, "group", "--bids-database-dir", db, *PLAN) == 0
     assert run_cli(simple_dataset, out, "participant", "--bids-database-dir", db) == 0
     assert run_cli(simple_dataset, out, "participant", "--dry-run") == 0
     assert run_cli(simple_dataset, out, "participant", "--participant-label", "77", *FAST) == ExitCode.NOTHING_SELECTED
@@ -193,25 +195,41 @@ def test_plain_folder_of_niftis_trains_at_group_level_only(simple_dataset: Path,
     for image in sorted(simple_dataset.glob("sub-0[1-3]/anat/*_T2w.nii.gz")):
         shutil.copy(image, plain / image.name.replace("_T2w", "").replace("sub-", "scan"))
     out = tmp_path / "out"
-    assert run_cli(plain, out, "group") == 0
+    assert run_cli(plain, out, "group", *PLAN) == 0
     assert "un-formatted folder of 3 NIfTI" in caplog.text
     assert run_record(out, "group")["training"]["participants"] == ["sub-scan01", "sub-scan02", "sub-scan03"]
     assert run_cli(plain, out, "participant") == ExitCode.VALIDATION
 
 
 @pytest.mark.slow
-def test_demo_generates_and_runs_both_levels(tmp_path: Path) -> None:
+def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     assert run_cli("--demo", tmp_path / "demo") == 0
     assert (tmp_path / "demo" / "bids" / "dataset_description.json").is_file()
     out = tmp_path / "demo" / "out"
     assert run_record(out, "group")["settings"]["preset"] == "tiny"
     assert run_record(out, "participant")["exit_code"] == 0
-    assert run_cli("--demo", tmp_path / "demo") == 0, "a second demo run reuses the dataset"
+    models = out / "models"
+    card = json.loads((models / "model_card.json").read_text())
+    for name in ("vqgan", "diffusion"):
+        component = card["components"][name]
+        weights = models / component["weights"]
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == component["sha256"]
+        assert component["steps"] == run_record(out, "group")["settings"]["training"][name]["max_steps"]
+        losses = (out / "work" / "checkpoints" / name / "losses.jsonl").read_text().splitlines()
+        assert len(losses) == component["steps"]
+    assert card["latent_scale"] > 0
+    assert card["training_participants"] == json.loads((models / "split.json").read_text())["train"]
+    figures = sorted((models / "figures").glob("*.png"))
+    assert any("vqgan_reconstruction" in f.name for f in figures) and any("diffusion_sample" in f.name for f in figures)
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    caplog.clear()
+    assert run_cli("--demo", tmp_path / "demo") == 0, "a second demo run reuses the dataset and the models"
+    assert "vqgan: already trained" in caplog.text and "diffusion: already trained" in caplog.text
 
 
 def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST) == 0
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST, *PLAN) == 0
     models = out / "models"
     plan = json.loads((models / "preprocessing_plan.json").read_text())
     fingerprint = json.loads((models / "dataset_fingerprint.json").read_text())
@@ -233,13 +251,13 @@ def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Pat
 
 def test_an_existing_plan_is_kept_on_rerun(simple_dataset: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST) == 0
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST, *PLAN) == 0
     first = (out / "models" / "preprocessing_plan.json").read_text()
     config = tmp_path / "c.yaml"
     config.write_text("preprocessing:\n  target_spacing: [2.0, 2.0, 2.0]\n")
-    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", "--config", config, *FAST) == 0
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 0
     assert (out / "models" / "preprocessing_plan.json").read_text() == first
     assert "preprocessing.target_spacing=[2.0, 2.0, 2.0] is ignored" in caplog.text
     fresh = tmp_path / "fresh"
-    assert run_cli(simple_dataset, fresh, "group", "--preset", "tiny", "--config", config, *FAST) == 0
+    assert run_cli(simple_dataset, fresh, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 0
     assert json.loads((fresh / "models" / "preprocessing_plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.0]

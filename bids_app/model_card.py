@@ -1,0 +1,52 @@
+"""The model card: the one file that says a model directory holds a finished, usable model.
+
+It is written last, after every component's weights and config, so a directory without it is an
+unfinished training run. It records what inference must match (version, configs, preprocessing
+plan, latent normalisation) and the SHA-256 of every weight file, so a corrupted or modified model
+is refused instead of silently producing wrong segmentations.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from bids_app import __version__
+from bids_app.errors import BadDataError, MissingInputError
+
+MODEL_CARD = "model_card.json"
+CARD_FORMAT = 1
+
+
+def write_model_card(model_dir: Path, card: Mapping[str, Any]) -> Path:
+    from bids_app.bids.derivatives import atomic_write_json
+
+    return atomic_write_json(Path(model_dir) / MODEL_CARD, {"format": CARD_FORMAT, "version": __version__, **card})
+
+
+def read_model_card(model_dir: Path) -> dict[str, Any]:
+    """The card of a finished model; missing is exit 66, unreadable or incompatible is exit 65."""
+    path = Path(model_dir) / MODEL_CARD
+    if not path.is_file():
+        raise MissingInputError(f"no trained model in {model_dir} ({MODEL_CARD} missing): run the group level first")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadDataError(f"{path}: unreadable model card ({exc})") from exc
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise BadDataError(f"{path}: unsupported model card format {card.get('format') if isinstance(card, dict) else '?'}")
+    if not compatible(str(card.get("version", "")), __version__):
+        raise BadDataError(
+            f"{path}: model trained with counterseg {card.get('version')} cannot be used by counterseg "
+            f"{__version__}: retrain it with the group level"
+        )
+    return card
+
+
+def compatible(model_version: str, app_version: str) -> bool:
+    """Same major version (same major and minor while the major is 0)."""
+    def parts(version: str) -> tuple[str, ...]:
+        numbers = version.split("+")[0].split(".")
+        return tuple(numbers[:2] if numbers and numbers[0] == "0" else numbers[:1])
+
+    return bool(model_version) and parts(model_version) == parts(app_version)

@@ -1,0 +1,178 @@
+"""Group-level training: run the stages in order, store each component, write the model card last.
+
+Each component lives in its own folder of the model directory with its config next to its weights
+and a ``stage.json`` that marks it finished. Checkpoints live in the work dir; a rerun resumes an
+interrupted stage and skips a finished one (``--retrain`` trains again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bids_app.bids.derivatives import atomic_write_json
+from bids_app.data import AugmentationSettings
+from bids_app.errors import BadDataError, MissingInputError
+from bids_app.model_card import MODEL_CARD, write_model_card
+from bids_app.models.discriminators import DiscriminatorConfig
+from bids_app.models.vqgan import VQGAN, VQGANConfig
+from bids_app.schedulers import SchedulerConfig
+from bids_app.settings import RunSettings, StageSettings
+from bids_app.training import loop
+from bids_app.training.checkpoint import load_weights, save_weights
+from bids_app.training.diffusion import DiffusionStage, latent_scale, unet_config
+from bids_app.training.preparation import PreparedData
+from bids_app.training.vqgan import VQGANStage, vqgan_config
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> dict[str, Any]:
+    """Run the selected stages; returns what the run record and model card say about them."""
+    model_dir, seed = settings.model_dir, settings.compute.seed
+    (model_dir / MODEL_CARD).unlink(missing_ok=True)  # re-written last, once every component is final
+    figures = model_dir / "figures"
+    cache = settings.work_dir / "cache"
+    augment = AugmentationSettings() if settings.training.augment else None
+    crop = settings.training.vqgan.crop_shape
+    vq_augment = AugmentationSettings(crop_shape=tuple(crop)) if augment and crop else augment
+    vq_train, validation = prepared.datasets(cache, seed, vq_augment)
+    diff_train, _ = prepared.datasets(cache, seed, augment)
+    summary: dict[str, Any] = {}
+
+    vq_cfg = vqgan_config(settings.preset, settings.models.vqgan)
+    disc_cfg = DiscriminatorConfig.from_dict(dict(settings.models.discriminator))
+    vq_dir = model_dir / "vqgan"
+    if "vqgan" in settings.training.stages:
+        if _finished(vq_dir, vq_cfg.to_dict()) and not settings.training.retrain:
+            log.info("vqgan: already trained (%s); --retrain trains it again", vq_dir)
+        else:
+            stage = VQGANStage(vq_cfg, disc_cfg, settings.training.vqgan, vq_train, validation, device, seed, figures)
+            result = _run(stage, settings.training.vqgan, settings, "vqgan")
+            _store(vq_dir, stage.inference_weights(), vq_cfg.to_dict(), result, {"discriminator": disc_cfg.to_dict()})
+    vqgan = load_vqgan(vq_dir, device) if _finished(vq_dir) else None
+    summary["vqgan"] = _read_stage(vq_dir)
+
+    diff_dir = model_dir / "diffusion"
+    if "diffusion" in settings.training.stages:
+        if vqgan is None:
+            raise MissingInputError(f"the diffusion stage needs a trained VQ-GAN in {vq_dir}: run the vqgan stage first")
+        unet_cfg = unet_config(settings.preset, vq_cfg.embedding_dim, settings.models.unet)
+        sched_cfg = SchedulerConfig.from_dict(dict(settings.models.scheduler))
+        identity = {**unet_cfg.to_dict(), "vqgan_sha256": summary["vqgan"]["sha256"]}
+        if _finished(diff_dir, identity) and not settings.training.retrain:
+            log.info("diffusion: already trained (%s); --retrain trains it again", diff_dir)
+        else:
+            if settings.training.retrain or not (_checkpoint_dir(settings, "diffusion") / loop.CHECKPOINT_NAME).is_file():
+                shutil.rmtree(_checkpoint_dir(settings, "diffusion"), ignore_errors=True)
+            scale = latent_scale(vqgan, vq_train.__class__(prepared.train, prepared.plan, cache), device)
+            log.info("diffusion: latent scale factor %.4f (1 / std of the training latents)", scale)
+            stage = DiffusionStage(vqgan, unet_cfg, sched_cfg, settings.training.diffusion, diff_train, scale,
+                                   device, seed, figures)
+            result = _run(stage, settings.training.diffusion, settings, "diffusion")
+            _store(diff_dir, stage.inference_weights(), identity, result,
+                   {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
+    summary["diffusion"] = _read_stage(diff_dir)
+
+    if not {"vqgan", "diffusion"} & set(settings.training.stages):
+        log.info("only the plan stage was asked for: no model is trained")
+    elif summary["vqgan"] and summary["diffusion"]:
+        write_model_card(model_dir, _card(settings, prepared, summary))
+        log.info("model card written: %s", model_dir / MODEL_CARD)
+    else:
+        missing = [name for name, done in summary.items() if not done]
+        log.warning("no model card: stage(s) %s not trained yet (--stages)", ", ".join(missing))
+    return summary
+
+
+def load_vqgan(component_dir: Path, device: str = "cpu") -> VQGAN:
+    """A stored VQ-GAN, checksum-verified, in eval mode."""
+    stage = _read_stage(component_dir)
+    if not stage:
+        raise MissingInputError(f"no trained VQ-GAN in {component_dir}")
+    config = VQGANConfig.from_dict(json.loads((component_dir / CONFIG_FILE).read_text())["config"])
+    model = VQGAN(config)
+    model.load_state_dict(load_weights(component_dir / WEIGHTS_FILE, stage["sha256"]))
+    return model.to(device).eval()
+
+
+def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name: str) -> loop.StageResult:
+    checkpoints = _checkpoint_dir(settings, name)
+    if settings.training.retrain and name == "vqgan":
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    budget = loop.Budget(
+        max_steps=stage_settings.max_steps,
+        max_time_s=stage_settings.max_time_s,
+        checkpoint_every=stage_settings.checkpoint_every,
+        log_every=stage_settings.log_every,
+    )
+    log.info("%s: training for up to %d steps%s", name, budget.max_steps,
+             f" or {budget.max_time_s:.0f} s" if budget.max_time_s else "")
+    result = loop.run_stage(stage, budget, checkpoints)
+    log.info("%s: finished at step %d (%s) in %.1f s", name, result.steps, result.stopped_by, result.seconds)
+    return result
+
+
+def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
+    return settings.work_dir / "checkpoints" / name
+
+
+def _store(directory: Path, weights: Mapping[str, torch.Tensor], identity: Mapping[str, Any],
+           result: loop.StageResult, extra: Mapping[str, Any]) -> None:
+    """Weights, then config, then ``stage.json`` last: only a complete component looks finished."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STAGE_FILE).unlink(missing_ok=True)
+    digest = save_weights(directory / WEIGHTS_FILE, weights)
+    config = {k: v for k, v in identity.items() if k != "vqgan_sha256"}
+    atomic_write_json(directory / CONFIG_FILE, {"config": config, **extra})
+    atomic_write_json(directory / STAGE_FILE, {
+        "identity": dict(identity), "sha256": digest, "steps": result.steps, "stopped_by": result.stopped_by,
+        "seconds": round(result.seconds, 2), "final_metrics": dict(result.last_metrics), **extra,
+    })
+
+
+def _read_stage(directory: Path) -> dict[str, Any]:
+    path = directory / STAGE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadDataError(f"{path}: unreadable stage record ({exc})") from exc
+
+
+def _finished(directory: Path, identity: Mapping[str, Any] | None = None) -> bool:
+    stage = _read_stage(directory)
+    if not stage or not (directory / WEIGHTS_FILE).is_file():
+        return False
+    return identity is None or _jsonable(identity) == stage.get("identity")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:
+    components = {}
+    for name, stage in summary.items():
+        components[name] = {
+            "weights": f"{name}/{WEIGHTS_FILE}", "config": f"{name}/{CONFIG_FILE}", "sha256": stage["sha256"],
+            "steps": stage["steps"], "stopped_by": stage["stopped_by"], "final_metrics": stage["final_metrics"],
+        }
+    return {
+        "preset": settings.preset,
+        "components": components,
+        "latent_scale": summary["diffusion"]["latent_scale"],
+        "scheduler": summary["diffusion"]["scheduler"],
+        "preprocessing": {"plan": prepared.plan.to_dict(), "fingerprint": "dataset_fingerprint.json"},
+        "training_participants": prepared.split["train"],
+        "validation_participants": prepared.split["validation"],
+    }
