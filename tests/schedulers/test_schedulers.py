@@ -1,0 +1,181 @@
+"""Schedules, config, and the scheduler contract run on DDPM and DDIM; DDIM inversion."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bids_app.schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfig, denoise
+from bids_app.schedulers import schedules as S
+from tests.schedulers.mixin import SchedulerContract
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core runner the thread
+    pool's contention made these tests several times slower; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the contract, on each scheduler ------------------------------------------------------------
+class TestDDPM(SchedulerContract):
+    stochastic = True
+
+    def make(self, config: SchedulerConfig | None = None) -> DDPMScheduler:
+        return DDPMScheduler(config)
+
+
+class TestDDIM(SchedulerContract):
+    stochastic = False
+
+    def make(self, config: SchedulerConfig | None = None) -> DDIMScheduler:
+        return DDIMScheduler(config, eta=0.0)
+
+
+class TestDDIMStochastic(SchedulerContract):
+    stochastic = True
+
+    def make(self, config: SchedulerConfig | None = None) -> DDIMScheduler:
+        return DDIMScheduler(config, eta=0.7)
+
+
+# -- schedules -------------------------------------------------------------------------------
+@pytest.mark.parametrize("betas", [S.linear_betas(1000), S.cosine_betas(1000), S.cosine_betas(10),
+                                   S.linear_betas(10, 1e-3, 0.2)], ids=["linear", "cosine", "cosine10", "linear10"])
+def test_schedules_are_monotone_with_alpha_bar_in_unit_interval(betas: torch.Tensor) -> None:
+    assert betas.dtype == torch.float64
+    assert torch.all(betas[1:] >= betas[:-1]) and betas.min() > 0 and betas.max() < 1
+    alpha_bar = S.alphas_cumprod_from_betas(betas)
+    assert torch.all(alpha_bar[1:] < alpha_bar[:-1])
+    assert alpha_bar.min() > 0 and alpha_bar.max() < 1
+
+
+def test_schedule_end_points() -> None:
+    linear = S.linear_betas(1000)
+    assert linear[0] == pytest.approx(1e-4) and linear[-1] == pytest.approx(0.02)
+    cosine = S.alphas_cumprod_from_betas(S.cosine_betas(1000))
+    assert cosine[0] > 0.9999 and cosine[-1] < 1e-8  # close to zero terminal SNR
+    assert S.cosine_betas(1000).max() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("call", [lambda: S.linear_betas(0), lambda: S.linear_betas(10, 0.1, 0.01),
+                                  lambda: S.cosine_betas(10, max_beta=1.0), lambda: S.make_betas("sigmoid", 10)])
+def test_schedules_reject_bad_arguments(call) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_conversions_are_mutually_consistent_and_broadcast() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(3, 2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ab = torch.tensor([0.999, 0.5, 1e-3], dtype=torch.float64)
+    x_t = S.add_noise(x0, eps, ab)
+    for i in range(3):  # (B,) broadcasts per sample
+        torch.testing.assert_close(x_t[i], ab[i].sqrt() * x0[i] + (1 - ab[i]).sqrt() * eps[i])
+    v = S.predict_v(x0, eps, ab)
+    torch.testing.assert_close(S.predict_start_from_noise(x_t, eps, ab), x0)
+    torch.testing.assert_close(S.predict_noise_from_start(x_t, x0, ab), eps)
+    torch.testing.assert_close(S.predict_start_from_v(x_t, v, ab), x0)
+    torch.testing.assert_close(S.predict_noise_from_v(x_t, v, ab), eps)
+    torch.testing.assert_close(S.add_noise(x0, eps, 0.25), 0.5 * x0 + 0.75 ** 0.5 * eps)  # float alpha_bar
+
+
+def test_conversions_cast_float64_coefficients_to_the_sample_dtype() -> None:
+    x = torch.randn(2, 1, 2, 2, 2)
+    out = S.add_noise(x, x, torch.tensor([0.3, 0.6], dtype=torch.float64))
+    assert out.dtype == torch.float32
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_scheduler_config_round_trips_through_json() -> None:
+    config = SchedulerConfig(num_train_timesteps=500, schedule="linear", beta_end=0.03,
+                             prediction_type="v_prediction", clip_sample=3.0)
+    assert SchedulerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_scheduler_config_names_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="betaend.*eta|eta.*betaend"):
+        SchedulerConfig.from_dict({"betaend": 0.02, "eta": 0.0})
+
+
+@pytest.mark.parametrize("values", [{"schedule": "sigmoid"}, {"prediction_type": "sample"},
+                                    {"num_train_timesteps": 0}, {"beta_start": 0.1, "beta_end": 0.01},
+                                    {"clip_sample": 0.0}])
+def test_scheduler_config_rejects_bad_values(values: dict) -> None:
+    with pytest.raises(ValueError):
+        SchedulerConfig(**values)
+
+
+def test_ddim_rejects_bad_eta() -> None:
+    with pytest.raises(ValueError, match="eta"):
+        DDIMScheduler(eta=1.5)
+
+
+def test_respaced_step_goes_to_the_next_scheduled_timestep() -> None:
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    prev = scheduler._tables["alpha_bar_prev"]
+    ab = scheduler.alphas_cumprod
+    assert prev[999] == ab[749] and prev[750] == ab[749] and prev[749] == ab[499] and prev[249] == 1.0
+
+
+# -- DDPM and DDIM agree where they must ------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_ddim_with_eta_one_is_the_ddpm_posterior(schedule: str) -> None:
+    config = SchedulerConfig(schedule=schedule)
+    ddpm, ddim = DDPMScheduler(config), DDIMScheduler(config, eta=1.0)
+    g = torch.Generator().manual_seed(8)
+    sample, output = (torch.randn(2, 2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for n in (10, 1000):
+        ddpm.set_timesteps(n)
+        ddim.set_timesteps(n)
+        for t in ddpm.timesteps[[0, n // 2, -1]]:
+            a = ddpm.step(output, t, sample, torch.Generator().manual_seed(9)).prev_sample
+            b = ddim.step(output, t, sample, torch.Generator().manual_seed(9)).prev_sample
+            torch.testing.assert_close(a, b)
+
+
+def test_ddim_eta_zero_draws_no_noise() -> None:
+    scheduler = DDIMScheduler()
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    scheduler.step(torch.randn(1, 1, 2, 2, 2), scheduler.timesteps[3], torch.randn(1, 1, 2, 2, 2), g)
+    assert torch.equal(g.get_state(), state)
+
+
+# -- DDIM inversion ----------------------------------------------------------------------------
+def gaussian_denoiser(scheduler: DDIMScheduler, variance: float):
+    """The exact posterior-mean model for data ~ N(0, variance I): linear in x, smooth in t."""
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = scheduler.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1, 1)
+        denominator = ab * variance + 1 - ab
+        eps = (1 - ab).sqrt() * x / denominator
+        if scheduler.config.prediction_type == "epsilon":
+            return eps
+        return S.predict_v(ab.sqrt() * variance * x / denominator, eps, ab)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_ddim_inversion_round_trip(schedule: str, prediction_type: str, strength: float) -> None:
+    """Invert over all T steps, then sample back: first-order error, so 10x the steps ~ 0.1x it."""
+    scheduler = DDIMScheduler(SchedulerConfig(schedule=schedule, prediction_type=prediction_type))
+    model_fn = gaussian_denoiser(scheduler, variance=0.25)
+    x0 = 0.5 * torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    errors = {}
+    for n in (100, 1000):
+        latent = scheduler.invert(model_fn, x0, n, strength=strength)
+        assert not torch.allclose(latent, x0, atol=0.1)
+        back = denoise(model_fn, scheduler, latent, scheduler.img2img_timesteps(strength))
+        errors[n] = (back - x0).abs().max().item()
+    assert errors[1000] < 0.02
+    assert errors[1000] < errors[100] / 5
