@@ -12,27 +12,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from bids_app.bids.derivatives import atomic_write_json
 from bids_app.data import AugmentationSettings
-from bids_app.errors import BadDataError, MissingInputError
+from bids_app.errors import MissingInputError
 from bids_app.model_card import MODEL_CARD, write_model_card
+from bids_app.model_store import WEIGHTS_FILE, CONFIG_FILE, is_finished, load_vqgan, read_stage, store_component
 from bids_app.models.discriminators import DiscriminatorConfig
-from bids_app.models.vqgan import VQGAN, VQGANConfig
 from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
 from bids_app.training import loop
-from bids_app.training.checkpoint import load_weights, save_weights
 from bids_app.training.diffusion import DiffusionStage, latent_scale, unet_config
 from bids_app.training.preparation import PreparedData
 from bids_app.training.vqgan import VQGANStage, vqgan_config
 
 log = logging.getLogger(__name__)
 
-STAGE_FILE = "stage.json"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.pt"
 
 
 def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> dict[str, Any]:
@@ -52,14 +46,15 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
     disc_cfg = DiscriminatorConfig.from_dict(dict(settings.models.discriminator))
     vq_dir = model_dir / "vqgan"
     if "vqgan" in settings.training.stages:
-        if _finished(vq_dir, vq_cfg.to_dict()) and not settings.training.retrain:
+        if is_finished(vq_dir, vq_cfg.to_dict()) and not settings.training.retrain:
             log.info("vqgan: already trained (%s); --retrain trains it again", vq_dir)
         else:
             stage = VQGANStage(vq_cfg, disc_cfg, settings.training.vqgan, vq_train, validation, device, seed, figures)
-            result = _run(stage, settings.training.vqgan, settings, "vqgan")
-            _store(vq_dir, stage.inference_weights(), vq_cfg.to_dict(), result, {"discriminator": disc_cfg.to_dict()})
-    vqgan = load_vqgan(vq_dir, device) if _finished(vq_dir) else None
-    summary["vqgan"] = _read_stage(vq_dir)
+            result = _run(stage, settings.training.vqgan, settings, "vqgan", vq_cfg.to_dict())
+            store_component(vq_dir, stage.inference_weights(), vq_cfg.to_dict(), _summary(result),
+                            {"discriminator": disc_cfg.to_dict()})
+    vqgan = load_vqgan(vq_dir, device) if is_finished(vq_dir) else None
+    summary["vqgan"] = read_stage(vq_dir)
 
     diff_dir = model_dir / "diffusion"
     if "diffusion" in settings.training.stages:
@@ -68,19 +63,17 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
         unet_cfg = unet_config(settings.preset, vq_cfg.embedding_dim, settings.models.unet)
         sched_cfg = SchedulerConfig.from_dict(dict(settings.models.scheduler))
         identity = {**unet_cfg.to_dict(), "vqgan_sha256": summary["vqgan"]["sha256"]}
-        if _finished(diff_dir, identity) and not settings.training.retrain:
+        if is_finished(diff_dir, identity) and not settings.training.retrain:
             log.info("diffusion: already trained (%s); --retrain trains it again", diff_dir)
         else:
-            if settings.training.retrain or not (_checkpoint_dir(settings, "diffusion") / loop.CHECKPOINT_NAME).is_file():
-                shutil.rmtree(_checkpoint_dir(settings, "diffusion"), ignore_errors=True)
             scale = latent_scale(vqgan, vq_train.__class__(prepared.train, prepared.plan, cache), device)
             log.info("diffusion: latent scale factor %.4f (1 / std of the training latents)", scale)
             stage = DiffusionStage(vqgan, unet_cfg, sched_cfg, settings.training.diffusion, diff_train, scale,
                                    device, seed, figures)
-            result = _run(stage, settings.training.diffusion, settings, "diffusion")
-            _store(diff_dir, stage.inference_weights(), identity, result,
-                   {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
-    summary["diffusion"] = _read_stage(diff_dir)
+            result = _run(stage, settings.training.diffusion, settings, "diffusion", identity)
+            store_component(diff_dir, stage.inference_weights(), identity, _summary(result),
+                            {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
+    summary["diffusion"] = read_stage(diff_dir)
 
     if not {"vqgan", "diffusion"} & set(settings.training.stages):
         log.info("only the plan stage was asked for: no model is trained")
@@ -93,21 +86,19 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
     return summary
 
 
-def load_vqgan(component_dir: Path, device: str = "cpu") -> VQGAN:
-    """A stored VQ-GAN, checksum-verified, in eval mode."""
-    stage = _read_stage(component_dir)
-    if not stage:
-        raise MissingInputError(f"no trained VQ-GAN in {component_dir}")
-    config = VQGANConfig.from_dict(json.loads((component_dir / CONFIG_FILE).read_text())["config"])
-    model = VQGAN(config)
-    model.load_state_dict(load_weights(component_dir / WEIGHTS_FILE, stage["sha256"]))
-    return model.to(device).eval()
-
-
-def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name: str) -> loop.StageResult:
+def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name: str,
+         identity: Mapping[str, Any]) -> loop.StageResult:
+    """Resume from the stage's checkpoint only when it was made for the same identity (architecture
+    and upstream weights) and no retraining was asked; otherwise start afresh."""
     checkpoints = _checkpoint_dir(settings, name)
-    if settings.training.retrain and name == "vqgan":
+    marker = checkpoints / "identity.json"
+    wanted = json.loads(json.dumps(identity))
+    stale = marker.is_file() and json.loads(marker.read_text()) != wanted
+    if settings.training.retrain or stale or not marker.is_file():
+        if stale:
+            log.info("%s: the checkpoint in %s belongs to another configuration; starting afresh", name, checkpoints)
         shutil.rmtree(checkpoints, ignore_errors=True)
+        atomic_write_json(marker, wanted)
     budget = loop.Budget(
         max_steps=stage_settings.max_steps,
         max_time_s=stage_settings.max_time_s,
@@ -125,39 +116,9 @@ def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
     return settings.work_dir / "checkpoints" / name
 
 
-def _store(directory: Path, weights: Mapping[str, torch.Tensor], identity: Mapping[str, Any],
-           result: loop.StageResult, extra: Mapping[str, Any]) -> None:
-    """Weights, then config, then ``stage.json`` last: only a complete component looks finished."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / STAGE_FILE).unlink(missing_ok=True)
-    digest = save_weights(directory / WEIGHTS_FILE, weights)
-    config = {k: v for k, v in identity.items() if k != "vqgan_sha256"}
-    atomic_write_json(directory / CONFIG_FILE, {"config": config, **extra})
-    atomic_write_json(directory / STAGE_FILE, {
-        "identity": dict(identity), "sha256": digest, "steps": result.steps, "stopped_by": result.stopped_by,
-        "seconds": round(result.seconds, 2), "final_metrics": dict(result.last_metrics), **extra,
-    })
-
-
-def _read_stage(directory: Path) -> dict[str, Any]:
-    path = directory / STAGE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadDataError(f"{path}: unreadable stage record ({exc})") from exc
-
-
-def _finished(directory: Path, identity: Mapping[str, Any] | None = None) -> bool:
-    stage = _read_stage(directory)
-    if not stage or not (directory / WEIGHTS_FILE).is_file():
-        return False
-    return identity is None or _jsonable(identity) == stage.get("identity")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+def _summary(result: loop.StageResult) -> dict[str, Any]:
+    return {"steps": result.steps, "stopped_by": result.stopped_by, "seconds": round(result.seconds, 2),
+            "final_metrics": dict(result.last_metrics)}
 
 
 def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""The model directory: one folder per component (config next to weights, ``stage.json`` marking it
+finished), the preprocessing plan, and the model card written last.
+
+Inference loads through ``load_trained_models``, which reads the card (version check), verifies the
+checksum of every weight file and loads weights-only, so a corrupted, tampered or foreign model is
+refused with a clear message (exit 65) instead of producing wrong segmentations.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bids_app.bids.derivatives import atomic_write_json
+from bids_app.errors import BadDataError, MissingInputError
+from bids_app.model_card import MODEL_CARD, read_model_card
+from bids_app.preprocessing.plan import PreprocessingPlan
+from bids_app.training.checkpoint import load_weights, save_weights
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass(frozen=True)
+class TrainedModels:
+    """Everything inference needs, loaded and verified."""
+
+    card: Mapping[str, Any]
+    card_sha256: str
+    vqgan: Any
+    unet: Any
+    scheduler_config: Any
+    latent_scale: float
+    plan: PreprocessingPlan
+
+
+def store_component(directory: Path, weights: Mapping[str, torch.Tensor], identity: Mapping[str, Any],
+                    summary: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    """Weights, then config, then ``stage.json`` last: only a complete component looks finished."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STAGE_FILE).unlink(missing_ok=True)
+    digest = save_weights(directory / WEIGHTS_FILE, weights)
+    config = {k: v for k, v in identity.items() if not k.endswith("_sha256")}
+    atomic_write_json(directory / CONFIG_FILE, {"config": config, **extra})
+    atomic_write_json(directory / STAGE_FILE, {"identity": _jsonable(identity), "sha256": digest,
+                                               **summary, **extra})
+
+
+def read_stage(directory: Path) -> dict[str, Any]:
+    """The finished-stage record of a component, or {} when it has none."""
+    path = Path(directory) / STAGE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadDataError(f"{path}: unreadable stage record ({exc})") from exc
+
+
+def is_finished(directory: Path, identity: Mapping[str, Any] | None = None) -> bool:
+    """Finished, and (when given) trained with this identity (architecture, upstream checksums)."""
+    stage = read_stage(directory)
+    if not stage or not (Path(directory) / WEIGHTS_FILE).is_file():
+        return False
+    return identity is None or _jsonable(identity) == stage.get("identity")
+
+
+def load_component_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"{path}: missing component config") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadDataError(f"{path}: unreadable component config ({exc})") from exc
+
+
+def load_vqgan(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
+    """A stored VQ-GAN, checksum-verified, in eval mode."""
+    from bids_app.models.vqgan import VQGAN, VQGANConfig
+
+    stage = read_stage(directory)
+    if not stage:
+        raise MissingInputError(f"no trained VQ-GAN in {directory}")
+    config = _config(VQGANConfig, directory)
+    model = VQGAN(config)
+    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
+    return model.to(device).eval()
+
+
+def load_unet(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
+    from bids_app.models.unet3d import UNet3D, UNet3DConfig
+
+    stage = read_stage(directory)
+    if not stage:
+        raise MissingInputError(f"no trained diffusion model in {directory}")
+    model = UNet3D(_config(UNet3DConfig, directory))
+    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
+    return model.to(device).eval()
+
+
+def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
+    """Read the card, verify every checksum against it, load weights-only."""
+    import hashlib
+
+    from bids_app.schedulers import SchedulerConfig
+
+    model_dir = Path(model_dir)
+    card = read_model_card(model_dir)
+    card_sha = hashlib.sha256((model_dir / MODEL_CARD).read_bytes()).hexdigest()
+    components = card.get("components", {})
+    for name in ("vqgan", "diffusion"):
+        if name not in components:
+            raise BadDataError(f"{model_dir / MODEL_CARD}: no {name} component")
+    try:
+        vqgan = load_vqgan(model_dir / "vqgan", device, components["vqgan"]["sha256"])
+        unet = load_unet(model_dir / "diffusion", device, components["diffusion"]["sha256"])
+        plan = PreprocessingPlan.from_dict(card["preprocessing"]["plan"])
+        scheduler = SchedulerConfig.from_dict(card["scheduler"])
+        scale = float(card["latent_scale"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BadDataError(f"{model_dir}: the model does not match its model card ({exc})") from exc
+    log.info("loaded the model in %s (counterseg %s, preset %s)", model_dir, card.get("version"), card.get("preset"))
+    return TrainedModels(card, card_sha, vqgan, unet, scheduler, scale, plan)
+
+
+def _config(cls: Any, directory: Path) -> Any:
+    try:
+        return cls.from_dict(load_component_config(directory)["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadDataError(f"{Path(directory) / CONFIG_FILE}: config not valid for this version ({exc})") from exc
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
