@@ -1,0 +1,261 @@
+"""Thresholds without lesion labels: calibrate the anomaly map on held-out healthy images.
+
+A counterfactual model never sees lesions, so its threshold cannot be tuned for Dice. Instead
+the residuals of healthy participants the model was *not* trained on (the validation split)
+describe what "healthy" looks like, and a voxel is called lesion when its residual exceeds a
+high quantile of that healthy distribution.
+
+Default ``quantile = 0.999``: by construction at most ``1 - q = 0.1 %`` of healthy in-region
+voxels exceed the threshold (before lesion-size filtering, and up to sampling error of the
+calibration set). For a typical cervical cord region (cord ~11 x 7 mm across, dilated by 2 mm
+to ~15 x 11 mm, i.e. ~130 mm^2, over ~100 mm of cord: ~13,000 mm^3) that is an expected
+~13 mm^3 of healthy voxels above threshold per image. The median filter makes these voxels
+come in small clumps rather than alone, and the ``min_lesion_mm3`` filter (5 mm^3) removes most
+clumps; the measured healthy false-positive rate (``metrics.healthy_false_positive``) is the
+number to report, this is only its a-priori bound.
+
+The residuals passed to :func:`calibrate` must be post-processed exactly as at inference (same
+:class:`~bids_app.segmentation.residuals.ResidualSettings`, ensemble size and strengths),
+otherwise the threshold means something else.
+
+Serialised form (``to_dict``)::
+
+    {"format_version": 1, "threshold": 0.31, "quantile": 0.999, "n_voxels": 412345,
+     "n_images": 8, "source": "calibrated",
+     "reference": {"encoding": "zlib+base64", "dtype": "<f4", "count": 100000, "data": "eJz..."}}
+
+The reference (sorted float32 healthy residuals) is stored as zlib-compressed little-endian
+float32 bytes in base64: 100k values take ~0.3-0.5 MB instead of ~1.2 MB as a JSON list, and
+round-trip bit-exactly. ``from_dict`` also accepts ``"reference": [..]`` (a plain list).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bids_app.bids.derivatives import atomic_write_json
+from bids_app.errors import BadDataError, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUANTILE = 0.999
+MAX_REFERENCE = 100_000
+FORMAT_VERSION = 1
+SOURCES = ("calibrated", "user")
+_ENCODING = "zlib+base64"
+_DTYPE = "<f4"
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """A residual threshold and the healthy reference distribution it came from.
+
+    ``quantile`` is the healthy quantile the threshold sits at (for a user threshold, the
+    fraction of the reference at or below it). ``reference`` is sorted, 1-D, float32 and
+    read-only. ``eq=False``: the array makes field-wise equality ambiguous.
+    """
+
+    threshold: float
+    quantile: float
+    reference: np.ndarray
+    n_voxels: int
+    n_images: int
+    source: str = "calibrated"
+
+    def __post_init__(self) -> None:
+        ref = np.array(self.reference, dtype=np.float32).reshape(-1)
+        if ref.size == 0:
+            raise ValueError("calibration reference is empty")
+        if not np.all(np.isfinite(ref)):
+            raise ValueError("calibration reference has non-finite values")
+        if np.any(ref[1:] < ref[:-1]):
+            raise ValueError("calibration reference must be sorted ascending")
+        ref.setflags(write=False)
+        object.__setattr__(self, "reference", ref)
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold!r}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "quantile", float(self.quantile))
+        object.__setattr__(self, "n_voxels", int(self.n_voxels))
+        object.__setattr__(self, "n_images", int(self.n_images))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (module doc); the reference is compressed, see there."""
+        payload = zlib.compress(self.reference.astype(_DTYPE).tobytes(), level=9)
+        return {
+            "format_version": FORMAT_VERSION,
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "n_voxels": self.n_voxels,
+            "n_images": self.n_images,
+            "source": self.source,
+            "reference": {"encoding": _ENCODING, "dtype": _DTYPE, "count": int(self.reference.size),
+                          "data": base64.b64encode(payload).decode("ascii")},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; raises ValueError on malformed content."""
+        try:
+            version = int(data.get("format_version", FORMAT_VERSION))
+            if version > FORMAT_VERSION:
+                raise ValueError(f"calibration format {version} is newer than this version reads "
+                                 f"({FORMAT_VERSION})")
+            return cls(threshold=float(data["threshold"]), quantile=float(data["quantile"]),
+                       reference=_decode_reference(data["reference"]),
+                       n_voxels=int(data["n_voxels"]), n_images=int(data["n_images"]),
+                       source=str(data.get("source", "calibrated")))
+        except KeyError as exc:
+            raise ValueError(f"calibration lacks the field {exc.args[0]!r}") from None
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed calibration: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON, atomically (a crash never leaves a half-written calibration)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a saved calibration; missing file -> MissingInputError, bad content -> BadDataError."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise MissingInputError(f"calibration file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadDataError(f"cannot read calibration {path}: {exc}") from exc
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise BadDataError(f"invalid calibration {path}: {exc}") from exc
+
+
+def _decode_reference(obj: Any) -> np.ndarray:
+    """The reference from its serialised form: the compressed mapping, or a plain list."""
+    if isinstance(obj, list):
+        return np.asarray(obj, dtype=np.float32)
+    if not isinstance(obj, Mapping):
+        raise ValueError("reference must be a list or an encoded mapping")
+    if obj.get("encoding") != _ENCODING or obj.get("dtype") != _DTYPE:
+        raise ValueError(f"unsupported reference encoding {obj.get('encoding')!r}/{obj.get('dtype')!r}")
+    try:
+        raw = zlib.decompress(base64.b64decode(obj["data"], validate=True))
+    except (zlib.error, ValueError) as exc:
+        raise ValueError(f"reference data is corrupt: {exc}") from None
+    ref = np.frombuffer(raw, dtype=_DTYPE)
+    if ref.size != int(obj["count"]):
+        raise ValueError(f"reference has {ref.size} values, header says {obj['count']}")
+    return ref.astype(np.float32)
+
+
+def subsample_sorted(values: np.ndarray, max_values: int = MAX_REFERENCE) -> np.ndarray:
+    """At most ``max_values`` evenly spaced order statistics of ``values`` (sorted float32).
+
+    Deterministic, and better than a random subset: taking evenly spaced ranks keeps the
+    empirical CDF within ``1 / max_values`` of the full one everywhere, tails included.
+    """
+    ordered = np.sort(np.asarray(values, dtype=np.float32).reshape(-1))
+    if ordered.size <= max_values:
+        return ordered
+    ranks = np.round(np.linspace(0, ordered.size - 1, max_values)).astype(np.int64)
+    return ordered[ranks]
+
+
+def calibrate(
+    healthy_residuals: Sequence[np.ndarray],
+    regions: Sequence[np.ndarray],
+    quantile: float = DEFAULT_QUANTILE,
+    max_reference: int = MAX_REFERENCE,
+) -> Calibration:
+    """Threshold = ``quantile`` of the pooled in-region residuals of held-out healthy images.
+
+    Pooling voxels (not per-image thresholds) weights images by their region size, which is
+    what the voxel-wise false-positive bound in the module doc needs. ``np.quantile``'s default
+    (linear) interpolation is used on the full pool; only the stored reference is subsampled.
+    """
+    if len(healthy_residuals) == 0:
+        raise ValueError("calibration needs at least one healthy image")
+    if len(healthy_residuals) != len(regions):
+        raise ValueError(f"{len(healthy_residuals)} residual maps but {len(regions)} regions")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    if max_reference < 2:
+        raise ValueError(f"max_reference must be at least 2, got {max_reference}")
+    parts = []
+    for k, (res, reg) in enumerate(zip(healthy_residuals, regions)):
+        res, reg = np.asarray(res), np.asarray(reg, dtype=bool)
+        if res.shape != reg.shape:
+            raise ValueError(f"image {k}: residual shape {res.shape} != region shape {reg.shape}")
+        parts.append(res[reg].astype(np.float64))
+    pool = np.concatenate(parts)
+    if pool.size == 0:
+        raise ValueError("the analysis regions of the calibration images are all empty")
+    if not np.all(np.isfinite(pool)):
+        raise ValueError("calibration residuals have non-finite values")
+    threshold = float(np.quantile(pool, quantile))
+    tail = pool.size * (1.0 - quantile)
+    if tail < 10:
+        logger.warning("calibration: only %.1f healthy voxels expected above the %.4g quantile; the "
+                       "threshold is poorly determined (use more images or a lower quantile)",
+                       tail, quantile)
+    logger.info("calibrated threshold %.4g at quantile %.4g from %d voxels of %d healthy image(s)",
+                threshold, quantile, pool.size, len(parts))
+    return Calibration(threshold=threshold, quantile=float(quantile),
+                       reference=subsample_sorted(pool, max_reference), n_voxels=int(pool.size),
+                       n_images=len(parts), source="calibrated")
+
+
+def healthy_cdf(values: np.ndarray | float, calibration: Calibration) -> np.ndarray:
+    """Empirical CDF of the healthy reference: fraction of reference values <= ``values``."""
+    ref = calibration.reference
+    return np.searchsorted(ref, np.asarray(values, dtype=np.float32), side="right") / ref.size
+
+
+def probability_map(
+    residual: np.ndarray, calibration: Calibration, region: np.ndarray | None = None
+) -> np.ndarray:
+    """Per voxel, the fraction of healthy in-region voxels with a residual at most this high.
+
+    0.99 means "higher than 99 % of healthy voxels"; above every reference value gives 1.0;
+    0 outside ``region``. Note this is a healthy-tail score, not a posterior: a typical healthy
+    voxel scores ~0.5 (the map is uniform on healthy tissue), and the calibrated threshold
+    corresponds to ``calibration.quantile``, not to 0.5.
+    """
+    residual = np.asarray(residual)
+    prob = healthy_cdf(residual, calibration).astype(np.float32)
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        if region.shape != residual.shape:
+            raise ValueError(f"region has shape {region.shape}, residual has {residual.shape}")
+        prob[~region] = 0.0
+    return prob
+
+
+def with_threshold(calibration: Calibration, threshold: float) -> Calibration:
+    """A user-chosen threshold (``--threshold``) on top of a calibration: source ``"user"``.
+
+    The reference is kept for the probability map; ``quantile`` becomes the healthy quantile
+    of the user threshold, so reports can say how far into the healthy tail it lies.
+    """
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    quantile = float(healthy_cdf(threshold, calibration))
+    logger.info("user threshold %.4g (healthy quantile %.4g; calibrated was %.4g)",
+                threshold, quantile, calibration.threshold)
+    return replace(calibration, threshold=threshold, quantile=quantile, source="user")

@@ -1,0 +1,173 @@
+"""From an anomaly map to a binary lesion mask and a per-lesion table.
+
+Conventions (shared with :mod:`bids_app.segmentation.metrics`):
+
+* a voxel is lesion when its residual is strictly greater than the threshold, inside the
+  analysis region (so ``1 - quantile`` of healthy voxels pass, see ``calibration``);
+* lesions are 26-connected components (face, edge and corner neighbours): small lesions on
+  anisotropic or oblique grids often touch only diagonally, and splitting them would count one
+  lesion several times and drop its parts as "too small";
+* lesion volume = voxel count x voxel volume (mm^3).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from bids_app.bids.derivatives import atomic_write_text
+from bids_app.segmentation.residuals import check_spacing
+
+logger = logging.getLogger(__name__)
+
+#: 26-connectivity structuring element for 3D component labelling.
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+#: Column order of the lesion TSV (BIDS style: snake case, ``n/a`` for missing values).
+LESION_COLUMNS = ("index", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                  "max_score", "mean_score", "n_voxels")
+
+_FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label the 26-connected components of a binary 3D mask: (labels, count)."""
+    mask = np.asarray(mask) > 0
+    if mask.ndim != 3:
+        raise ValueError(f"lesion masks are 3D, got {mask.ndim} dimensions")
+    labels, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+    return labels, int(count)
+
+
+def majority_smooth(mask: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """One pass of 6-neighbour majority smoothing of a binary mask.
+
+    Let ``n`` be the number of a voxel's 6 face neighbours that are 1 (neighbours outside the
+    array or outside ``region`` count as 0). Simultaneously for all voxels: ``n >= 4`` -> 1,
+    ``n <= 2`` -> 0, ``n == 3`` -> unchanged. So a one-voxel hole inside a lesion is filled
+    (n = 6), an isolated voxel or a one-voxel-thin line is removed (n <= 2), while one-voxel-
+    thin sheets (n = 4) and cube corners (n = 3) survive. The result stays inside ``region``.
+    """
+    current = np.asarray(mask) > 0
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        current = current & region
+    counts = ndimage.convolve(current.astype(np.uint8), _FACE_NEIGHBOURS.astype(np.uint8),
+                              mode="constant", cval=0) - current.astype(np.uint8)
+    out = np.where(counts >= 4, True, np.where(counts <= 2, False, current))
+    if region is not None:
+        out &= region
+    return out
+
+
+def remove_small_components(
+    mask: np.ndarray, spacing_mm: Sequence[float], min_volume_mm3: float
+) -> np.ndarray:
+    """Drop 26-connected components whose volume is below ``min_volume_mm3`` (equal is kept)."""
+    labels, count = label_components(mask)
+    if count == 0 or min_volume_mm3 <= 0:
+        return labels > 0
+    voxel_volume = math.prod(check_spacing(spacing_mm, 3))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    # Compare voxel counts, not float volumes, with a tolerance so 10 x 0.5 mm^3 counts as 5 mm^3.
+    min_voxels = min_volume_mm3 / voxel_volume * (1.0 - 1e-9)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    removed = int(count - keep[1:].sum())
+    if removed:
+        logger.debug("removed %d of %d lesion(s) below %.3g mm^3", removed, count, min_volume_mm3)
+    return keep[labels]
+
+
+def lesion_mask(
+    residual: np.ndarray,
+    region: np.ndarray,
+    threshold: float,
+    spacing_mm: Sequence[float],
+    min_lesion_mm3: float,
+    majority_smoothing: bool = False,
+) -> np.ndarray:
+    """Binary (uint8) lesion mask: ``residual > threshold`` in ``region``, then clean-up.
+
+    Optional majority smoothing (:func:`majority_smooth`) runs before the size filter, so that
+    filled holes count towards a lesion's volume and removed specks do not.
+    """
+    residual = np.asarray(residual)
+    region = np.asarray(region, dtype=bool)
+    if region.shape != residual.shape:
+        raise ValueError(f"region has shape {region.shape}, residual has {residual.shape}")
+    check_spacing(spacing_mm, residual.ndim)
+    mask = (residual > threshold) & region
+    if majority_smoothing:
+        mask = majority_smooth(mask, region)
+    mask = remove_small_components(mask, spacing_mm, min_lesion_mm3)
+    return mask.astype(np.uint8)
+
+
+def lesion_table(mask: np.ndarray, scores: np.ndarray | None, affine: np.ndarray) -> list[dict[str, Any]]:
+    """One row per 26-connected lesion of ``mask``, largest first (ties: first in voxel order).
+
+    Works on any grid (model or native space): volumes use ``|det(affine[:3, :3])|`` and
+    centroids (mean voxel centre) are mapped to world mm through ``affine``. ``scores`` (same
+    shape, e.g. the probability map) gives max/mean per lesion; NaN when None.
+    """
+    mask = np.asarray(mask)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4 x 4, got {affine.shape}")
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != mask.shape:
+            raise ValueError(f"scores have shape {scores.shape}, mask has {mask.shape}")
+    voxel_volume = abs(float(np.linalg.det(affine[:3, :3])))
+    labels, count = label_components(mask)
+    if count == 0:
+        return []
+    ids = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    centroids = np.asarray(ndimage.center_of_mass(labels > 0, labels, ids), dtype=np.float64)
+    centroids = centroids.reshape(count, 3)
+    world = centroids @ affine[:3, :3].T + affine[:3, 3]
+    if scores is not None:
+        maxima = np.asarray(ndimage.maximum(scores, labels, ids), dtype=np.float64).reshape(count)
+        means = np.asarray(ndimage.mean(scores, labels, ids), dtype=np.float64).reshape(count)
+    else:
+        maxima = means = np.full(count, np.nan)
+    order = np.argsort(-sizes, kind="stable")
+    rows = []
+    for rank, k in enumerate(order, start=1):
+        rows.append({
+            "index": rank,
+            "volume_mm3": float(sizes[k] * voxel_volume),
+            "centroid_x_mm": float(world[k, 0]),
+            "centroid_y_mm": float(world[k, 1]),
+            "centroid_z_mm": float(world[k, 2]),
+            "max_score": float(maxima[k]),
+            "mean_score": float(means[k]),
+            "n_voxels": int(sizes[k]),
+        })
+    return rows
+
+
+def format_tsv_value(value: Any) -> str:
+    """A TSV cell: ``n/a`` for None/NaN (BIDS), 6 significant digits for floats."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not np.isfinite(value) else f"{float(value):.6g}"
+    return str(value)
+
+
+def write_lesion_tsv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write the lesion table (header always, also when there is no lesion), atomically."""
+    lines = ["\t".join(LESION_COLUMNS)]
+    for row in rows:
+        lines.append("\t".join(format_tsv_value(row.get(col)) for col in LESION_COLUMNS))
+    return atomic_write_text(path, "\n".join(lines) + "\n")

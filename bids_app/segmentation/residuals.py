@@ -1,0 +1,222 @@
+"""Residual (anomaly) maps: how far an image is from its pseudo-healthy counterfactual.
+
+The lesion evidence is the voxel-wise residual ``|x - x_hat|`` between a model-space image
+``x`` (RAS voxel order, intensities normalised to [-1, 1], background near -1) and its healthy
+counterfactual ``x_hat``. Several counterfactuals of one image (different noise strengths or
+seeds) form an ensemble: their mean residual is the anomaly map, their spread an uncertainty
+map. The map is then median-filtered (diffusion models leave salt-and-pepper residuals that are
+not lesions) and restricted to an *analysis region*: the dilated cord mask, or the body
+foreground when no cord mask exists. Padded voxels (``valid == False``) never count.
+
+Typical order, also used for calibration so thresholds mean the same at inference::
+
+    mean, spread = residual_map(image, counterfactuals)
+    mean = smooth(mean, settings.median_size, valid=valid)
+    region, source = analysis_region(valid, cord, spacing, settings.cord_margin_mm, image=image)
+    mean = restrict(mean, region)
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from bids_app.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+#: Default intensity above which a voxel counts as body foreground. Images are normalised so
+#: that the 0.5th percentile maps to -1; -0.8 is 10 % of the intensity range above that floor,
+#: above air/noise but below every tissue of a T2w/T1w cord image.
+DEFAULT_FOREGROUND_THRESHOLD = -0.8
+
+_foreground_warned = False  # the fallback is announced once per process, then logged at INFO
+
+
+@dataclass(frozen=True)
+class ResidualSettings:
+    """Post-processing of the anomaly map; saved with the calibration so both always match.
+
+    ``median_size``: edge of the cubic 3D median filter in voxels (1 = off).
+    ``cord_margin_mm``: the cord mask is dilated by this distance (mm) so that lesions at the
+    cord edge, and small cord-mask errors, stay inside the analysis region.
+    ``foreground_threshold``: normalised intensity above which a voxel is body foreground, used
+    only when no cord mask is available.
+    ``min_lesion_mm3``: connected lesions smaller than this are removed.
+    ``majority_smoothing``: one pass of 6-neighbour majority smoothing of the binary mask (see
+    :func:`bids_app.segmentation.lesions.majority_smooth`).
+    """
+
+    median_size: int = 3
+    cord_margin_mm: float = 2.0
+    foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD
+    min_lesion_mm3: float = 5.0
+    majority_smoothing: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.median_size, bool) or int(self.median_size) != self.median_size:
+            raise UsageError(f"median_size must be an integer, got {self.median_size!r}")
+        if self.median_size < 1:
+            raise UsageError(f"median_size must be at least 1 (1 = off), got {self.median_size}")
+        for name in ("cord_margin_mm", "min_lesion_mm3"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not np.isfinite(self.foreground_threshold):
+            raise UsageError(f"foreground_threshold must be finite, got {self.foreground_threshold!r}")
+        object.__setattr__(self, "median_size", int(self.median_size))
+        object.__setattr__(self, "majority_smoothing", bool(self.majority_smoothing))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResidualSettings:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown residual settings: {', '.join(unknown)}")
+        return cls(**dict(data))
+
+
+def residual_map(image: np.ndarray, counterfactuals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread of ``|image - x_hat_k|`` over an ensemble of counterfactuals.
+
+    Averaging over strengths/seeds suppresses residuals that one sample alone reconstructs
+    badly; the per-voxel standard deviation (population, ddof=0) across samples tells where
+    the model is unsure (all zeros for a single sample). Both are float32.
+    """
+    image = np.asarray(image)
+    if len(counterfactuals) == 0:
+        raise ValueError("residual_map needs at least one counterfactual")
+    x = image.astype(np.float64)
+    total = np.zeros(x.shape, dtype=np.float64)
+    total_sq = np.zeros(x.shape, dtype=np.float64)
+    for k, cf in enumerate(counterfactuals):
+        cf = np.asarray(cf)
+        if cf.shape != image.shape:
+            raise ValueError(f"counterfactual {k} has shape {cf.shape}, image has {image.shape}")
+        if not np.all(np.isfinite(cf)):
+            raise ValueError(f"counterfactual {k} has non-finite values")
+        r = np.abs(x - cf.astype(np.float64))
+        total += r
+        total_sq += r * r
+    n = len(counterfactuals)
+    mean = total / n
+    # Residuals lie in [0, 2], so the one-pass variance in float64 is exact enough; clip the
+    # tiny negative round-off before the square root.
+    spread = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0)) if n > 1 else np.zeros_like(mean)
+    return mean.astype(np.float32), spread.astype(np.float32)
+
+
+def smooth(residual: np.ndarray, median_size: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """3D median filter of a residual map (``median_size`` voxels a side; 1 returns a copy).
+
+    A median removes isolated bright voxels (diffusion sampling noise) while keeping the edges
+    of lesions larger than half the window. With ``valid``, padded voxels are set to 0 first, so
+    the (meaningless) residual of padding cannot bleed into real voxels next to it.
+    """
+    residual = np.asarray(residual, dtype=np.float32)
+    if int(median_size) != median_size or median_size < 1:
+        raise ValueError(f"median_size must be an integer >= 1, got {median_size!r}")
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != residual.shape:
+            raise ValueError(f"valid has shape {valid.shape}, residual has {residual.shape}")
+        residual = np.where(valid, residual, np.float32(0.0))
+    if median_size == 1:
+        return residual.copy()
+    return ndimage.median_filter(residual, size=int(median_size), mode="nearest")
+
+
+def dilate_mm(mask: np.ndarray, spacing_mm: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Dilate ``mask`` by an ellipsoid of radius ``margin_mm`` in world units.
+
+    A voxel joins when its centre lies within ``margin_mm`` of some mask voxel centre (Euclidean
+    distance in mm). This equals a binary dilation with the ellipsoidal structuring element
+    ``sum((d_i * spacing_i)**2) <= margin**2``, so anisotropic voxels dilate by different voxel
+    counts per axis (2 mm on 0.5 x 0.5 x 2 mm voxels: 4 voxels in-plane, 1 along z). A Euclidean
+    distance transform does this exactly and in time independent of the margin.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    spacing = check_spacing(spacing_mm, mask.ndim)
+    if margin_mm < 0:
+        raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
+    if margin_mm == 0 or not mask.any():
+        return mask.copy()
+    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    # Relative tolerance: 4 * 0.5 mm must count as exactly 2 mm despite float round-off.
+    return distance <= margin_mm * (1.0 + 1e-9) + 1e-9
+
+
+def body_foreground(image: np.ndarray, threshold: float = DEFAULT_FOREGROUND_THRESHOLD) -> np.ndarray:
+    """Voxels brighter than ``threshold``, with enclosed dark holes (e.g. CSF, bone) filled."""
+    fg = np.asarray(image) > threshold
+    return ndimage.binary_fill_holes(fg)
+
+
+def analysis_region(
+    valid: np.ndarray,
+    cord_mask: np.ndarray | None,
+    spacing_mm: Sequence[float],
+    margin_mm: float,
+    image: np.ndarray | None = None,
+    foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
+) -> tuple[np.ndarray, str]:
+    """Where lesions are looked for: ``(region, source)`` with source ``"cord"`` or ``"foreground"``.
+
+    The cord mask dilated by ``margin_mm`` (ellipsoid in mm, :func:`dilate_mm`) when it is given
+    and non-empty; otherwise the body foreground of ``image`` (a much larger region, so expect
+    more false positives; announced by a warning). Always intersected with ``valid`` so padded
+    voxels never count.
+    """
+    global _foreground_warned
+    valid = np.asarray(valid, dtype=bool)
+    if cord_mask is not None:
+        cord = np.asarray(cord_mask) > 0
+        if cord.shape != valid.shape:
+            raise ValueError(f"cord mask has shape {cord.shape}, valid has {valid.shape}")
+        if (cord & valid).any():
+            return dilate_mm(cord, spacing_mm, margin_mm) & valid, "cord"
+        reason = "the cord mask is empty" if not cord.any() else "the cord mask lies only in padding"
+    else:
+        reason = "no cord mask is available"
+    if image is None:
+        raise ValueError(f"{reason} and no image was given for the body-foreground fallback")
+    image = np.asarray(image)
+    if image.shape != valid.shape:
+        raise ValueError(f"image has shape {image.shape}, valid has {valid.shape}")
+    message = ("%s: lesions are searched in the whole body foreground (intensity > %.3g), "
+               "which gives more false positives than a cord mask")
+    if not _foreground_warned:
+        logger.warning(message, reason, foreground_threshold)
+        _foreground_warned = True
+    else:
+        logger.info(message, reason, foreground_threshold)
+    region = body_foreground(image, foreground_threshold) & valid
+    if not region.any():
+        logger.warning("the analysis region is empty: no voxel above %.3g", foreground_threshold)
+    return region, "foreground"
+
+
+def restrict(residual: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The residual inside ``region``, 0 elsewhere (same dtype)."""
+    residual = np.asarray(residual)
+    region = np.asarray(region, dtype=bool)
+    if region.shape != residual.shape:
+        raise ValueError(f"region has shape {region.shape}, residual has {residual.shape}")
+    return np.where(region, residual, np.zeros((), dtype=residual.dtype))
+
+
+def check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
+    """Validated voxel spacing: one positive finite value per axis."""
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing_mm must be {ndim} positive numbers, got {spacing_mm!r}")
+    return spacing

@@ -1,0 +1,150 @@
+"""Label-free calibration: pooled quantile threshold, healthy ECDF probability map, JSON form."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from bids_app.errors import BadDataError, MissingInputError
+from bids_app.segmentation.calibration import (Calibration, calibrate, probability_map, subsample_sorted,
+                                               with_threshold)
+
+
+def healthy_set(seed: int = 0, n: int = 3, shape=(20, 20, 30)):
+    """Residual maps from two different distributions and regions of unequal size."""
+    rng = np.random.default_rng(seed)
+    residuals, regions = [], []
+    for k in range(n):
+        res = (rng.gamma(2.0, 0.05, shape) if k % 2 else rng.exponential(0.1, shape)).astype(np.float32)
+        region = np.zeros(shape, bool)
+        region[2:15 + k, 3:17, :] = True
+        res[~region] = 5.0  # outside values must never be pooled
+        residuals.append(res)
+        regions.append(region)
+    return residuals, regions
+
+
+@pytest.mark.parametrize("quantile", [0.9, 0.99, 0.999])
+def test_threshold_is_the_pooled_quantile(quantile: float) -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions, quantile=quantile)
+    pool = np.concatenate([r[m] for r, m in zip(residuals, regions)]).astype(np.float64)
+    assert cal.threshold == pytest.approx(float(np.quantile(pool, quantile)), rel=1e-12)
+    assert cal.quantile == quantile and cal.source == "calibrated"
+    assert cal.n_voxels == pool.size and cal.n_images == 3
+    assert cal.reference.dtype == np.float32 and cal.reference.ndim == 1
+    assert np.all(np.diff(cal.reference) >= 0) and cal.reference.max() < 5.0
+
+
+def test_reference_is_subsampled_deterministically() -> None:
+    residuals, regions = healthy_set()
+    a = calibrate(residuals, regions, max_reference=1000)
+    b = calibrate(residuals, regions, max_reference=1000)
+    assert a.reference.size == 1000
+    np.testing.assert_array_equal(a.reference, b.reference)
+    pool = np.sort(np.concatenate([r[m] for r, m in zip(residuals, regions)]))
+    assert a.reference[0] == pool[0] and a.reference[-1] == pool[-1]  # the extremes are kept
+    # The subsample's ECDF stays within 1/m of the full one.
+    probe = np.quantile(pool, np.linspace(0.01, 0.99, 50))
+    full = np.searchsorted(pool, probe, side="right") / pool.size
+    sub = np.searchsorted(a.reference, probe.astype(np.float32), side="right") / a.reference.size
+    assert np.abs(full - sub).max() <= 2e-3
+    np.testing.assert_array_equal(subsample_sorted(np.array([3.0, 1.0, 2.0])), [1.0, 2.0, 3.0])
+
+
+def test_probability_of_the_reference_itself_is_uniform() -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions)
+    p = probability_map(cal.reference, cal)
+    # Continuous data: the i-th of n sorted values has ECDF (i + 1) / n.
+    np.testing.assert_allclose(np.sort(p), np.arange(1, p.size + 1) / p.size, atol=1e-4)
+    hist, _ = np.histogram(p, bins=10, range=(0, 1))
+    assert hist.min() >= 0.09 * p.size and hist.max() <= 0.11 * p.size
+
+
+def test_probability_map_extremes_and_region() -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions)
+    res = np.full((4, 4, 4), cal.reference.max() + 1.0, np.float32)
+    res[0] = -1.0  # below every reference value
+    region = np.ones(res.shape, bool)
+    region[3] = False
+    p = probability_map(res, cal, region)
+    assert p.dtype == np.float32
+    assert np.all(p[1:3] == 1.0) and np.all(p[0] == 0.0) and np.all(p[3] == 0.0)
+    assert 0.0 <= p.min() and p.max() <= 1.0
+    # At the calibrated threshold the map reads (about) the calibration quantile.
+    at = probability_map(np.array([cal.threshold]), cal)[0]
+    assert at == pytest.approx(cal.quantile, abs=2e-4)
+
+
+def test_with_threshold_marks_user() -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions)
+    user = with_threshold(cal, 0.2)
+    assert user.source == "user" and user.threshold == 0.2
+    assert user.quantile == pytest.approx(np.mean(cal.reference <= 0.2))
+    assert cal.source == "calibrated"  # the original is untouched
+    np.testing.assert_array_equal(user.reference, cal.reference)
+    with pytest.raises(ValueError):
+        with_threshold(cal, float("nan"))
+
+
+def test_json_round_trip(tmp_path) -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions, quantile=0.995)
+    path = cal.save(tmp_path / "calibration.json")
+    data = json.loads(path.read_text())
+    assert isinstance(data["reference"]["data"], str)  # compact, not a list of 30k numbers
+    back = Calibration.load(path)
+    for name in ("threshold", "quantile", "n_voxels", "n_images", "source"):
+        assert getattr(back, name) == getattr(cal, name)
+    np.testing.assert_array_equal(back.reference, cal.reference)
+    assert not back.reference.flags.writeable
+    plain = dict(data, reference=cal.reference.tolist())  # a plain list is accepted too
+    np.testing.assert_array_equal(Calibration.from_dict(plain).reference, cal.reference)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary behind
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(MissingInputError):
+        Calibration.load(tmp_path / "absent.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(BadDataError):
+        Calibration.load(bad)
+    bad.write_text(json.dumps({"threshold": 0.1}))
+    with pytest.raises(BadDataError, match="quantile|reference"):
+        Calibration.load(bad)
+    cal = calibrate(*healthy_set(n=1))
+    data = cal.to_dict()
+    data["reference"]["count"] += 1
+    bad.write_text(json.dumps(data))
+    with pytest.raises(BadDataError, match="values"):
+        Calibration.load(bad)
+
+
+def test_empty_input_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate([], [])
+    res = np.ones((3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate([res], [np.zeros(res.shape, bool)])
+    with pytest.raises(ValueError, match="quantile"):
+        calibrate([res], [res > 0], quantile=1.0)
+    with caplog.at_level(logging.WARNING):
+        calibrate([res], [res > 0], quantile=0.999)  # 27 voxels: the 0.999 tail is empty
+    assert "poorly determined" in caplog.text
+
+
+def test_threshold_bounds_the_healthy_false_positive_fraction() -> None:
+    """The documented meaning of the quantile: ~(1 - q) of fresh healthy voxels exceed it."""
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 100)
+    train = [rng.gamma(2.0, 0.05, shape).astype(np.float32) for _ in range(3)]
+    cal = calibrate(train, [np.ones(shape, bool)] * 3, quantile=0.999)
+    fresh = rng.gamma(2.0, 0.05, (4, *shape))
+    fraction = float(np.mean(fresh > cal.threshold))
+    assert 0.0007 < fraction < 0.0013  # 640 of 640k voxels expected; bounds ~5 sigma incl. calibration error

@@ -1,0 +1,119 @@
+"""Lesion mask post-processing (size filter, majority smoothing) and the per-lesion table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bids_app.segmentation.lesions import (LESION_COLUMNS, label_components, lesion_mask, lesion_table,
+                                           majority_smooth, write_lesion_tsv)
+
+
+def blobs() -> np.ndarray:
+    """Residual map with a 2x2x2 (8 voxel) and a 3x3x3 (27 voxel) bright cube."""
+    res = np.zeros((16, 16, 16), np.float32)
+    res[2:4, 2:4, 2:4] = 1.0
+    res[9:12, 9:12, 9:12] = 1.0
+    return res
+
+
+def test_threshold_is_strict_and_inside_the_region() -> None:
+    res = blobs()
+    region = np.ones(res.shape, bool)
+    assert not lesion_mask(res, region, 1.0, (1, 1, 1), 0.0).any()  # > threshold, not >=
+    region[:8] = False
+    mask = lesion_mask(res, region, 0.5, (1, 1, 1), 0.0)
+    assert mask.dtype == np.uint8 and mask.sum() == 27
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    ((1.0, 1.0, 1.0), 27),        # 8 mm^3 < 10 mm^3 removed, 27 mm^3 kept
+    ((0.5, 0.5, 0.5), 0),         # 1 and 3.375 mm^3: both below 10
+    ((1.25, 1.0, 1.0), 35),       # 8 x 1.25 = 10 mm^3: equal is kept
+])
+def test_small_components_depend_on_voxel_volume(spacing, expected) -> None:
+    res = blobs()
+    mask = lesion_mask(res, np.ones(res.shape, bool), 0.5, spacing, min_lesion_mm3=10.0)
+    assert mask.sum() == expected
+
+
+def test_components_are_26_connected() -> None:
+    res = np.zeros((8, 8, 8), np.float32)
+    res[2, 2, 2] = res[3, 3, 3] = res[4, 4, 4] = 1.0  # touching only at corners: one lesion
+    mask = lesion_mask(res, np.ones(res.shape, bool), 0.5, (1, 1, 1), min_lesion_mm3=3.0)
+    assert mask.sum() == 3
+    assert label_components(mask)[1] == 1
+
+
+def test_majority_smoothing_fills_a_hole_and_removes_a_speck() -> None:
+    res = np.zeros((12, 12, 12), np.float32)
+    res[2:7, 2:7, 2:7] = 1.0
+    res[4, 4, 4] = 0.0  # one-voxel hole
+    res[10, 10, 10] = 1.0  # isolated voxel
+    region = np.ones(res.shape, bool)
+    plain = lesion_mask(res, region, 0.5, (1, 1, 1), 0.0)
+    assert plain[4, 4, 4] == 0 and plain[10, 10, 10] == 1
+    smoothed = lesion_mask(res, region, 0.5, (1, 1, 1), 0.0, majority_smoothing=True)
+    assert smoothed[4, 4, 4] == 1 and smoothed[10, 10, 10] == 0
+    # The cube keeps its faces, edges (4 neighbours) and corners (3: unchanged).
+    np.testing.assert_array_equal(smoothed[2:7, 2:7, 2:7], 1)
+    assert smoothed.sum() == 125
+
+
+def test_majority_rule_thresholds() -> None:
+    line = np.zeros((7, 7, 7), bool)
+    line[3, 1:6, 3] = True  # each voxel has <= 2 neighbours: removed
+    assert not majority_smooth(line).any()
+    sheet = np.zeros((7, 7, 7), bool)
+    sheet[1:6, 1:6, 3] = True  # interior 4, edges 3, corners 2
+    out = majority_smooth(sheet)
+    assert out[3, 3, 3] and out[1, 3, 3] and not out[1, 1, 3]
+    region = np.zeros_like(sheet)
+    region[:, :4] = True
+    assert not (majority_smooth(sheet, region) & ~region).any()
+
+
+def centroid(row: dict) -> tuple[float, float, float]:
+    return row["centroid_x_mm"], row["centroid_y_mm"], row["centroid_z_mm"]
+
+
+def test_lesion_table_with_non_identity_affine() -> None:
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[1:3, 1:2, 1:2] = 1        # 2 voxels, centre (1.5, 1, 1)
+    mask[5:8, 5:8, 5:7] = 1        # 18 voxels, centre (6, 6, 5.5)
+    scores = np.zeros(mask.shape, np.float32)
+    scores[1, 1, 1], scores[2, 1, 1] = 0.2, 0.6
+    scores[5:8, 5:8, 5:7] = 0.5
+    scores[6, 6, 6] = 0.95
+    # Oblique-ish affine: permuted axes, a flip, anisotropic spacing and an offset.
+    affine = np.array([[0.0, -0.5, 0.0, 10.0],
+                       [2.0, 0.0, 0.0, -5.0],
+                       [0.0, 0.0, 1.5, 30.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    rows = lesion_table(mask, scores, affine)
+    assert [r["index"] for r in rows] == [1, 2]
+    big, small = rows
+    assert big["n_voxels"] == 18 and small["n_voxels"] == 2
+    assert big["volume_mm3"] == pytest.approx(18 * 1.5) and small["volume_mm3"] == pytest.approx(3.0)
+    expect = affine @ np.array([6.0, 6.0, 5.5, 1.0])
+    assert centroid(big) == pytest.approx(tuple(expect[:3]))
+    expect = affine @ np.array([1.5, 1.0, 1.0, 1.0])
+    assert centroid(small) == pytest.approx(tuple(expect[:3]))
+    assert big["max_score"] == pytest.approx(0.95)
+    assert big["mean_score"] == pytest.approx((17 * 0.5 + 0.95) / 18)
+    assert small["max_score"] == pytest.approx(0.6) and small["mean_score"] == pytest.approx(0.4)
+    assert set(big) == set(LESION_COLUMNS)
+    no_scores = lesion_table(mask, None, affine)
+    assert np.isnan(no_scores[0]["max_score"])
+
+
+def test_lesion_tsv(tmp_path) -> None:
+    path = write_lesion_tsv(tmp_path / "empty.tsv", [])
+    assert path.read_text() == "\t".join(LESION_COLUMNS) + "\n"
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[1:3, 1:3, 1:3] = 1
+    rows = lesion_table(mask, None, np.eye(4))
+    lines = write_lesion_tsv(tmp_path / "one.tsv", rows).read_text().splitlines()
+    assert len(lines) == 2
+    cells = dict(zip(lines[0].split("\t"), lines[1].split("\t")))
+    assert cells["index"] == "1" and cells["n_voxels"] == "8" and float(cells["volume_mm3"]) == 8.0
+    assert cells["max_score"] == "n/a" and float(cells["centroid_x_mm"]) == 1.5

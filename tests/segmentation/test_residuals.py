@@ -1,0 +1,147 @@
+"""Residual ensemble, median filter, analysis region (anisotropic dilation, fallback, padding)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from bids_app.errors import UsageError
+from bids_app.segmentation import residuals as R
+from bids_app.segmentation.residuals import (ResidualSettings, analysis_region, dilate_mm, residual_map,
+                                             restrict, smooth)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The foreground warning fires once per process; every test starts before that first time."""
+    monkeypatch.setattr(R, "_foreground_warned", False)
+
+
+def test_residual_ensemble_mean_and_std() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (5, 6, 7)).astype(np.float32)
+    cfs = [image + d for d in (0.1, -0.3, 0.5)]
+    mean, spread = residual_map(image, cfs)
+    assert mean.dtype == np.float32 and spread.dtype == np.float32
+    np.testing.assert_allclose(mean, 0.3, atol=1e-6)
+    np.testing.assert_allclose(spread, np.std([0.1, 0.3, 0.5]), atol=1e-6)
+
+
+def test_residual_single_sample_has_zero_spread() -> None:
+    image = np.zeros((4, 4, 4), np.float32)
+    cf = image.copy()
+    cf[1, 2, 3] = -0.7
+    mean, spread = residual_map(image, [cf])
+    assert mean[1, 2, 3] == pytest.approx(0.7) and mean.sum() == pytest.approx(0.7)
+    assert not spread.any()
+
+
+def test_residual_rejects_bad_input() -> None:
+    image = np.zeros((4, 4, 4))
+    with pytest.raises(ValueError, match="at least one"):
+        residual_map(image, [])
+    with pytest.raises(ValueError, match="shape"):
+        residual_map(image, [np.zeros((4, 4, 5))])
+    bad = image.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        residual_map(image, [bad])
+
+
+def test_median_filter_removes_salt_noise_and_keeps_a_blob() -> None:
+    rng = np.random.default_rng(1)
+    res = np.zeros((20, 20, 20), np.float32)
+    res[8:13, 8:13, 8:13] = 1.0  # a 5^3 lesion
+    salt = rng.random(res.shape) < 0.02
+    salt[6:15, 6:15, 6:15] = False  # keep the noise away from the lesion
+    res[salt] = 1.0
+    out = smooth(res, 3)
+    assert not out[salt].any()
+    assert out[9:12, 9:12, 9:12].min() == 1.0  # lesion interior survives
+    np.testing.assert_array_equal(smooth(res, 1), res)
+
+
+def test_smooth_ignores_padding() -> None:
+    res = np.zeros((9, 9, 9), np.float32)
+    valid = np.zeros_like(res, dtype=bool)
+    valid[:5, :5, :] = True  # padded on two sides: at the edge x=y=4, 15 of 27 window voxels pad
+    res[~valid] = 2.0  # padding residual: meaningless and large
+    out = smooth(res, 3, valid=valid)
+    assert not out[valid].any()
+    assert smooth(res, 3)[4, 4, 4] == 2.0  # without valid it bleeds in: the reason for the option
+
+
+def test_region_never_includes_padding() -> None:
+    valid = np.zeros((10, 10, 10), bool)
+    valid[:, :, 2:8] = True
+    cord = np.zeros_like(valid)
+    cord[4:6, 4:6, :] = True  # runs into the padded slices
+    region, source = analysis_region(valid, cord, (1.0, 1.0, 1.0), 2.0)
+    assert source == "cord" and region.any()
+    assert not (region & ~valid).any()
+    image = np.full(valid.shape, 0.5, np.float32)  # bright everywhere, padding included
+    region, source = analysis_region(valid, None, (1.0, 1.0, 1.0), 2.0, image=image)
+    assert source == "foreground"
+    np.testing.assert_array_equal(region, valid)
+
+
+def test_dilation_in_mm_respects_anisotropic_spacing() -> None:
+    cord = np.zeros((21, 21, 11), bool)
+    cord[10, 10, 5] = True
+    valid = np.ones_like(cord)
+    region, source = analysis_region(valid, cord, (0.5, 0.5, 2.0), 2.0)
+    assert source == "cord"
+    x, y, z = np.nonzero(region)
+    assert (x.min(), x.max()) == (6, 14)  # 4 voxels in-plane
+    assert (y.min(), y.max()) == (6, 14)
+    assert (z.min(), z.max()) == (4, 6)  # 1 voxel along z
+    # Ellipsoid, not box: the in-plane corner (4, 4) voxels away is sqrt(8) mm > 2 mm away.
+    assert not region[14, 14, 5] and region[14, 10, 5] and not region[14, 10, 6]
+    # Exactly the discrete ellipsoid sum((d * spacing)^2) <= margin^2.
+    d = np.indices(cord.shape) - np.array([10, 10, 5])[:, None, None, None]
+    expected = ((d[0] * 0.5) ** 2 + (d[1] * 0.5) ** 2 + (d[2] * 2.0) ** 2) <= 4.0
+    np.testing.assert_array_equal(region, expected)
+    np.testing.assert_array_equal(dilate_mm(cord, (0.5, 0.5, 2.0), 0.0), cord)
+
+
+def test_foreground_fallback_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    valid = np.ones((12, 12, 12), bool)
+    image = np.full(valid.shape, -1.0, np.float32)
+    image[3:9, 3:9, 3:9] = 0.2
+    image[5:7, 5:7, 5:7] = -1.0  # a dark hole inside the body is still body
+    with caplog.at_level(logging.INFO, logger=R.__name__):
+        region, source = analysis_region(valid, None, (1, 1, 1), 2.0, image=image)
+        region2, source2 = analysis_region(valid, np.zeros_like(valid), (1, 1, 1), 2.0, image=image)
+    assert source == source2 == "foreground"
+    assert region.sum() == 6 ** 3 and region[5, 5, 5]
+    np.testing.assert_array_equal(region, region2)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no cord mask" in warnings[0].getMessage()
+    assert any("cord mask is empty" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_fallback_without_image_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no image"):
+        analysis_region(np.ones((3, 3, 3), bool), None, (1, 1, 1), 2.0)
+
+
+def test_restrict_zeroes_outside() -> None:
+    res = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    region = res > 10
+    out = restrict(res, region)
+    assert out.dtype == res.dtype
+    np.testing.assert_array_equal(out[region], res[region])
+    assert not out[~region].any()
+
+
+def test_settings_round_trip_and_validation() -> None:
+    s = ResidualSettings(median_size=5, cord_margin_mm=1.5, majority_smoothing=True)
+    assert ResidualSettings.from_dict(s.to_dict()) == s
+    assert ResidualSettings.from_dict({}) == ResidualSettings()
+    with pytest.raises(UsageError, match="unknown"):
+        ResidualSettings.from_dict({"median": 3})
+    with pytest.raises(UsageError):
+        ResidualSettings(median_size=0)
+    with pytest.raises(UsageError):
+        ResidualSettings(cord_margin_mm=-1.0)
