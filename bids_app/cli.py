@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
                      dest="skip_bids_validation", action="store_true", help="do not run the BIDS validator")
 
+    seg = parser.add_argument_group("segmentation (participant level)")
+    _flag(seg, "--strength", nargs="+", type=float, metavar="S",
+          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.5); several are averaged")
+    _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
+    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 20)")
+    _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
+    _flag(seg, "--threshold", type=float, metavar="T",
+          help="residual threshold for the lesion mask instead of the calibrated one")
+    _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
+          help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")
+    _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter")
+    _flag(seg, "--overwrite", action="store_true", help="redo images whose outputs already exist")
+
     run = parser.add_argument_group("running")
     _flag(run, "-w", "--work-dir", metavar="DIR", type=Path, help="scratch space (default: OUTPUT_DIR/work)")
     _flag(run, "--model-dir", metavar="DIR", type=Path, help="trained models (default: OUTPUT_DIR/models)")
@@ -159,10 +172,33 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         training["retrain"] = args.retrain
     if training:
         cli["training"] = training
+    segmentation: dict[str, Any] = {}
+    for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
+                      ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite")):
+        if flag in args:
+            segmentation[key] = getattr(args, flag)
+    if "no_adapter" in args:
+        segmentation["use_adapter"] = False
+    if "strength_sweep" in args:
+        segmentation["strength_sweep"] = parse_sweep(args.strength_sweep)
+    if segmentation:
+        cli["segmentation"] = segmentation
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
     if compute:
         cli["compute"] = compute
     return build_settings(merge_overrides(config, cli))
+
+
+def parse_sweep(text: str) -> tuple[float, ...]:
+    """``START:STOP:STEP`` (inclusive of STOP) -> strengths."""
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--strength-sweep {text!r}: expected START:STOP:STEP, e.g. 0.1:0.9:0.1") from None
+    if step <= 0 or stop < start:
+        raise UsageError(f"--strength-sweep {text!r}: need STEP > 0 and STOP >= START")
+    count = int(round((stop - start) / step)) + 1
+    return tuple(round(start + i * step, 6) for i in range(count))
 
 
 def check_paths(settings: RunSettings) -> None:

@@ -15,7 +15,6 @@ from bids_app.bids.derivatives import unique_output_names
 from bids_app.bids.images import inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BidsValidationError
-from bids_app.preprocessing.plan import PLAN_FILE, PreprocessingPlan, load_plan
 from bids_app.settings import RunSettings
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
@@ -103,12 +102,9 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
         log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
                  _short(record.cord_mask), _short(record.lesion_mask))
     record: dict[str, Any] = {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
-    if (settings.model_dir / PLAN_FILE).is_file():
-        plan = load_plan(settings.model_dir)
-        record["model_space"] = {r.relpath: _model_space_check(r, plan) for r in inputs.images}
-    else:
-        log.warning("no preprocessing plan in %s: run the group level first", settings.model_dir)
-    log.warning("no segmentation stage is part of this version: no lesion mask is written")
+    from bids_app.participant import segment_images
+
+    record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device)
     return record
 
 
@@ -148,18 +144,6 @@ def _discover_plain_folder(settings: RunSettings) -> Inputs:
     subjects = tuple(sorted({r.subject for r in images}))
     training = bids_layout.TrainingSelection(images=tuple(images), participants=subjects, excluded={})
     return Inputs(tuple(images), (), False, training)
-
-
-def _model_space_check(record: bids_layout.ImageRecord, plan: PreprocessingPlan) -> dict[str, Any]:
-    """Preprocess an image with the model's plan (what inference will see) and summarise it."""
-    from bids_app.preprocessing.pipeline import preprocess
-
-    masks = {"cord": record.cord_mask} if record.cord_mask is not None else {}
-    result = preprocess(record.image, plan, masks=masks)
-    valid = float(result.valid.mean())
-    log.info("%s -> model space %s, %.0f%% of voxels from the image", record.relpath,
-             "x".join(map(str, result.image.shape)), 100 * valid)
-    return {"shape": list(result.image.shape), "valid_fraction": round(valid, 4)}
 
 
 def _check_readable(records: Sequence[bids_layout.ImageRecord]) -> None:

@@ -106,6 +106,18 @@ def load_unet(directory: Path, device: str = "cpu", expected_sha256: str | None 
     return model.to(device).eval()
 
 
+def load_components(model_dir: Path, plan: PreprocessingPlan, device: str = "cpu") -> TrainedModels:
+    """The trained components before a model card exists (the calibrate stage runs on them)."""
+    from bids_app.schedulers import SchedulerConfig
+
+    model_dir = Path(model_dir)
+    diffusion = read_stage(model_dir / "diffusion")
+    if not diffusion:
+        raise MissingInputError(f"no trained diffusion model in {model_dir / 'diffusion'}: run the diffusion stage first")
+    return TrainedModels({}, "", load_vqgan(model_dir / "vqgan", device), load_unet(model_dir / "diffusion", device),
+                         SchedulerConfig.from_dict(diffusion["scheduler"]), float(diffusion["latent_scale"]), plan)
+
+
 def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
     """Read the card, verify every checksum against it, load weights-only."""
     import hashlib

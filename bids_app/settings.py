@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from bids_app.errors import UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
-TRAINING_STAGES = ("plan", "vqgan", "diffusion")  # "plan" (data preparation) always runs first
+TRAINING_STAGES = ("plan", "vqgan", "diffusion", "calibrate")  # "plan" (data preparation) always runs first
 
 #: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
 #: (``sub-01_ses-1_T2w``), ``{entities}`` the same without the suffix (``sub-01_ses-1``).
@@ -106,10 +106,31 @@ class DiffusionStageSettings(StageSettings):
 
 
 @dataclass(frozen=True)
+class SegmentationSettings:
+    """Counterfactual synthesis and residual -> lesion mask (participant level and calibration)."""
+
+    strengths: tuple[float, ...] = (0.5,)
+    n_samples: int = 1
+    steps: int = 20
+    sampler: str = "ddim"
+    eta: float = 0.0
+    max_latent_voxels: int | None = None
+    median_size: int = 3
+    cord_margin_mm: float = 2.0
+    min_lesion_mm3: float = 5.0
+    majority_smoothing: bool = False
+    calibration_quantile: float = 0.999
+    threshold: float | None = None
+    strength_sweep: tuple[float, ...] = ()
+    use_adapter: bool = True
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Which stages run and how; a finished stage is skipped unless ``retrain``."""
 
-    stages: tuple[str, ...] = ("vqgan", "diffusion")
+    stages: tuple[str, ...] = ("vqgan", "diffusion", "calibrate")
     retrain: bool = False
     augment: bool = True
     vqgan: VQGANStageSettings = field(default_factory=VQGANStageSettings)
@@ -154,6 +175,7 @@ class RunSettings:
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
 
@@ -249,6 +271,15 @@ def _check(settings: RunSettings) -> None:
     unknown = sorted(set(settings.training.stages) - set(TRAINING_STAGES))
     if unknown:
         raise UsageError(f"unknown training stage {unknown[0]!r}; choose from {', '.join(TRAINING_STAGES)}")
+    seg = settings.segmentation
+    if not seg.strengths or any(not 0 <= v <= 1 for v in (*seg.strengths, *seg.strength_sweep)):
+        raise UsageError(f"strengths must lie in [0, 1], got {list(seg.strengths) + list(seg.strength_sweep)}")
+    if seg.sampler not in ("ddim", "ddpm"):
+        raise UsageError(f"--sampler must be ddim or ddpm, got {seg.sampler!r}")
+    if seg.n_samples < 1 or seg.steps < 1:
+        raise UsageError("--n-samples and --steps must be at least 1")
+    if not 0.5 < seg.calibration_quantile < 1:
+        raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
 

@@ -44,3 +44,32 @@ def dataset_copy(simple_dataset: Path, tmp_path: Path) -> Path:
     target = tmp_path / "bids"
     shutil.copytree(simple_dataset, target)
     return target
+
+
+#: A few optimisation steps per stage: enough for a model directory that loads and segments, fast.
+TINY_TRAINING = {
+    "training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 2},
+                 "diffusion": {"max_steps": 4, "figure_every": 2}},
+    "segmentation": {"steps": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(simple_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A barely trained, calibrated tiny model directory (group level on the simple dataset)."""
+    import json
+
+    from bids_app import cli
+
+    out = tmp_path_factory.mktemp("tiny_model") / "out"
+    config = out.parent / "tiny.json"
+    config.write_text(json.dumps(TINY_TRAINING))
+    code = cli.main([str(simple_dataset), str(out), "group", "--preset", "tiny", "--config", str(config),
+                     "--skip-bids-validation"])
+    assert code == 0, "training the tiny test model failed"
+    return out / "models"
+
+
+def participant_args(model_dir: Path) -> list[str]:
+    """Participant-level flags that use the tiny test model with few denoising steps."""
+    return ["--model-dir", str(model_dir), "--steps", "2"]

@@ -11,7 +11,7 @@ import torch
 from bids_app import __version__, cli
 from bids_app.errors import ExitCode
 
-from tests.conftest import tree_digest
+from tests.conftest import participant_args, tree_digest
 
 FAST = ["--skip-bids-validation"]
 
@@ -85,14 +85,14 @@ def test_nonexistent_bids_dir(tmp_path: Path, caplog) -> None:
     "where, code",
     [("same", ExitCode.USAGE), ("inside", ExitCode.USAGE), ("derivatives", ExitCode.OK)],
 )
-def test_output_dir_inside_bids_dir(dataset_copy: Path, where: str, code: int, caplog) -> None:
+def test_output_dir_inside_bids_dir(dataset_copy: Path, where: str, code: int, tiny_model: Path, caplog) -> None:
     out = {
         "same": dataset_copy,
         "inside": dataset_copy / "sub-01" / "out",
         "derivatives": dataset_copy / "derivatives" / "counterseg",
     }[where]
     before = tree_digest(dataset_copy / "sub-01")
-    assert run_cli(dataset_copy, out, "participant", *FAST) == code
+    assert run_cli(dataset_copy, out, "participant", *FAST, *participant_args(tiny_model)) == code
     assert tree_digest(dataset_copy / "sub-01") == before
     if code == ExitCode.USAGE:
         assert str(out) in caplog.text
@@ -126,13 +126,14 @@ def test_unreadable_image_is_exit_65_naming_the_file(dataset_copy: Path, tmp_pat
     assert ("empty" if damage == "empty" else "truncated") in message
 
 
-def test_validation_failure_is_exit_16(dataset_copy: Path, tmp_path: Path, caplog) -> None:
+def test_validation_failure_is_exit_16(dataset_copy: Path, tmp_path: Path, tiny_model: Path, caplog) -> None:
     (dataset_copy / "sub-01" / "anat" / "sub-01_T2.nii.gz").write_bytes(
         (dataset_copy / "sub-01" / "anat" / "sub-01_T2w.nii.gz").read_bytes()
     )
     assert run_cli(dataset_copy, tmp_path / "out", "participant") == ExitCode.VALIDATION
     assert "BIDS validation failed" in caplog.text
-    assert run_cli(dataset_copy, tmp_path / "out2", "participant", *FAST) == ExitCode.OK
+    args = [*FAST, *participant_args(tiny_model), "--participant-label", "01"]
+    assert run_cli(dataset_copy, tmp_path / "out2", "participant", *args) == ExitCode.OK
 
 
 def test_unknown_participant_label_is_exit_18(simple_dataset: Path, tmp_path: Path, caplog) -> None:
@@ -197,6 +198,11 @@ def test_crash_is_exit_1_with_a_crash_log(simple_dataset: Path, tmp_path: Path, 
     assert (out / "dataset_description.json").is_file()
 
 
+def test_participant_level_without_a_model_is_exit_66(simple_dataset: Path, tmp_path: Path, caplog) -> None:
+    assert run_cli(simple_dataset, tmp_path / "out", "participant", *FAST) == ExitCode.MISSING_INPUT
+    assert "run the group level first" in caplog.text
+
+
 def test_unavailable_cuda_is_usage_error(simple_dataset: Path, tmp_path: Path, caplog) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the unavailable-CUDA path cannot be exercised")
@@ -214,10 +220,11 @@ def test_thread_counts_must_be_positive(simple_dataset: Path, tmp_path: Path, fl
     assert run_cli(simple_dataset, tmp_path / "out", "participant", flag, "0", *FAST) == ExitCode.USAGE
 
 
-def test_omp_nthreads_sets_torch_threads(simple_dataset: Path, tmp_path: Path) -> None:
+def test_omp_nthreads_sets_torch_threads(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     before = torch.get_num_threads()
     try:
-        assert run_cli(simple_dataset, tmp_path / "out", "participant", "--omp-nthreads", "1", *FAST) == 0
+        args = ["--omp-nthreads", "1", "--participant-label", "01", *FAST, *participant_args(tiny_model)]
+        assert run_cli(simple_dataset, tmp_path / "out", "participant", *args) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

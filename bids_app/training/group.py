@@ -16,7 +16,16 @@ from bids_app.bids.derivatives import atomic_write_json
 from bids_app.data import AugmentationSettings
 from bids_app.errors import MissingInputError
 from bids_app.model_card import MODEL_CARD, write_model_card
-from bids_app.model_store import WEIGHTS_FILE, CONFIG_FILE, is_finished, load_vqgan, read_stage, store_component
+from bids_app.model_store import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    is_finished,
+    load_components,
+    load_vqgan,
+    read_stage,
+    store_component,
+)
+from bids_app.training.calibrate import CALIBRATION_FILE, calibration_identity, run_calibration
 from bids_app.models.discriminators import DiscriminatorConfig
 from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
@@ -75,13 +84,18 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
                             {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
     summary["diffusion"] = read_stage(diff_dir)
 
+    if "calibrate" in settings.training.stages and summary["diffusion"]:
+        summary["calibration"] = _calibrate(settings, prepared, summary["diffusion"]["sha256"], device)
+    elif (model_dir / CALIBRATION_FILE).is_file():
+        summary["calibration"] = json.loads((model_dir / CALIBRATION_FILE).read_text())["summary"]
+
     if not {"vqgan", "diffusion"} & set(settings.training.stages):
         log.info("only the plan stage was asked for: no model is trained")
-    elif summary["vqgan"] and summary["diffusion"]:
+    elif summary.get("vqgan") and summary.get("diffusion"):
         write_model_card(model_dir, _card(settings, prepared, summary))
         log.info("model card written: %s", model_dir / MODEL_CARD)
     else:
-        missing = [name for name, done in summary.items() if not done]
+        missing = [name for name in ("vqgan", "diffusion") if not summary.get(name)]
         log.warning("no model card: stage(s) %s not trained yet (--stages)", ", ".join(missing))
     return summary
 
@@ -116,6 +130,29 @@ def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
     return settings.work_dir / "checkpoints" / name
 
 
+def _calibrate(settings: RunSettings, prepared: PreparedData, diffusion_sha256: str, device: str) -> dict[str, Any]:
+    """Run (or reuse) the calibration; the file holds its identity, a summary and the reference."""
+    path = settings.model_dir / CALIBRATION_FILE
+    identity = calibration_identity(settings, diffusion_sha256)
+    if path.is_file() and not settings.training.retrain:
+        stored = json.loads(path.read_text())
+        if stored.get("identity") == json.loads(json.dumps(identity)):
+            log.info("calibrate: already done for this model and these settings (%s)", path)
+            return stored["summary"]
+    samples = prepared.validation
+    if not samples:
+        log.warning("calibrate: no validation participant: calibrating on the training participants, whose "
+                    "residuals are optimistic; the false-positive rate on new healthy data will be higher")
+        samples = prepared.train
+    models = load_components(settings.model_dir, prepared.plan, device)
+    calibration = run_calibration(settings, models, samples, device)
+    summary = {"threshold": calibration.threshold, "quantile": calibration.quantile,
+               "n_images": calibration.n_images, "n_voxels": calibration.n_voxels,
+               "participants": sorted({s.name.split("/")[0] for s in samples})}
+    atomic_write_json(path, {"identity": identity, "summary": summary, "calibration": calibration.to_dict()})
+    return summary
+
+
 def _summary(result: loop.StageResult) -> dict[str, Any]:
     return {"steps": result.steps, "stopped_by": result.stopped_by, "seconds": round(result.seconds, 2),
             "final_metrics": dict(result.last_metrics)}
@@ -123,7 +160,8 @@ def _summary(result: loop.StageResult) -> dict[str, Any]:
 
 def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:
     components = {}
-    for name, stage in summary.items():
+    for name in ("vqgan", "diffusion"):
+        stage = summary[name]
         components[name] = {
             "weights": f"{name}/{WEIGHTS_FILE}", "config": f"{name}/{CONFIG_FILE}", "sha256": stage["sha256"],
             "steps": stage["steps"], "stopped_by": stage["stopped_by"], "final_metrics": stage["final_metrics"],
@@ -134,6 +172,16 @@ def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, A
         "latent_scale": summary["diffusion"]["latent_scale"],
         "scheduler": summary["diffusion"]["scheduler"],
         "preprocessing": {"plan": prepared.plan.to_dict(), "fingerprint": "dataset_fingerprint.json"},
+        "calibration": _calibration_entry(settings.model_dir, summary.get("calibration")),
         "training_participants": prepared.split["train"],
         "validation_participants": prepared.split["validation"],
     }
+
+
+def _calibration_entry(model_dir: Path, summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256((model_dir / CALIBRATION_FILE).read_bytes()).hexdigest()
+    return {**summary, "file": CALIBRATION_FILE, "sha256": digest}

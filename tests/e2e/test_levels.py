@@ -12,7 +12,7 @@ from bids_app import cli
 from bids_app.bids.validate import run_validator
 from bids_app.errors import ExitCode
 
-from tests.conftest import tree_digest
+from tests.conftest import participant_args, tree_digest
 
 FAST = ["--skip-bids-validation"]
 PLAN = ["--stages", "plan"]
@@ -66,9 +66,9 @@ def test_train_participants_overrides_the_table(simple_dataset: Path, tmp_path: 
     assert training["excluded"]["sub-01"] == "not in --train-participants"
 
 
-def test_participant_level_lists_images_and_masks(simple_dataset: Path, tmp_path: Path) -> None:
+def test_participant_level_lists_images_and_masks(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", "sub-01", *FAST) == 0
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", "sub-01", *FAST, *participant_args(tiny_model)) == 0
     images = run_record(out, "participant")["inputs"]["images"]
     assert [i["image"] for i in images] == ["sub-01/anat/sub-01_T2w.nii.gz", "sub-05/anat/sub-05_T2w.nii.gz"]
     assert images[0]["cord_mask"] == "derivatives/labels/sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz"
@@ -76,19 +76,19 @@ def test_participant_level_lists_images_and_masks(simple_dataset: Path, tmp_path
     assert images[1]["lesion_mask"] == "derivatives/labels/sub-05/anat/sub-05_T2w_label-lesion_seg.nii.gz"
 
 
-def test_participant_labels_from_a_file(simple_dataset: Path, tmp_path: Path) -> None:
+def test_participant_labels_from_a_file(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("sub-02\n\n03\n")
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "participant", "--participant-label", f"@{labels}", *FAST) == 0
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", f"@{labels}", *FAST, *participant_args(tiny_model)) == 0
     subjects = [i["subject"] for i in run_record(out, "participant")["inputs"]["images"]]
     assert subjects == ["02", "03"]
 
 
-def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Path) -> None:
+def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "out"
     assert run_cli(simple_dataset, out, "group", *PLAN) == 0
-    assert run_cli(simple_dataset, out, "participant") == 0
+    assert run_cli(simple_dataset, out, "participant", *participant_args(tiny_model)) == 0
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "counterseg"
@@ -98,26 +98,26 @@ def test_output_is_a_valid_derivative_dataset(simple_dataset: Path, tmp_path: Pa
     assert not result.errors, result.errors
 
 
-def test_bids_dir_is_byte_for_byte_unchanged(simple_dataset: Path, tmp_path: Path, capsys) -> None:
+def test_bids_dir_is_byte_for_byte_unchanged(simple_dataset: Path, tmp_path: Path, capsys, tiny_model: Path) -> None:
     before = tree_digest(simple_dataset)
     out, db = tmp_path / "out", tmp_path / "db"
     assert run_cli(simple_dataset, out, "group", "--bids-database-dir", db, *PLAN) == 0
-    assert run_cli(simple_dataset, out, "participant", "--bids-database-dir", db) == 0
+    assert run_cli(simple_dataset, out, "participant", "--bids-database-dir", db, *participant_args(tiny_model)) == 0
     assert run_cli(simple_dataset, out, "participant", "--dry-run") == 0
     assert run_cli(simple_dataset, out, "participant", "--participant-label", "77", *FAST) == ExitCode.NOTHING_SELECTED
     assert tree_digest(simple_dataset) == before
 
 
-def test_database_dir_is_reused_until_reset(dataset_copy: Path, tmp_path: Path) -> None:
+def test_database_dir_is_reused_until_reset(dataset_copy: Path, tmp_path: Path, tiny_model: Path) -> None:
     out, db = tmp_path / "out", tmp_path / "db"
-    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST) == 0
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST, *participant_args(tiny_model)) == 0
     assert any(db.iterdir())
     new = dataset_copy / "sub-01" / "anat" / "sub-01_acq-extra_T2w.nii.gz"
     shutil.copy(dataset_copy / "sub-01" / "anat" / "sub-01_T2w.nii.gz", new)
-    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST) == 0
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, *FAST, *participant_args(tiny_model)) == 0
     cached = [i["image"] for i in run_record(out, "participant")["inputs"]["images"]]
     assert "sub-01/anat/sub-01_acq-extra_T2w.nii.gz" not in cached
-    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, "--reset-database", *FAST) == 0
+    assert run_cli(dataset_copy, out, "participant", "--bids-database-dir", db, "--reset-database", *FAST, *participant_args(tiny_model)) == 0
     fresh = [i["image"] for i in run_record(out, "participant")["inputs"]["images"]]
     assert "sub-01/anat/sub-01_acq-extra_T2w.nii.gz" in fresh
 
@@ -152,30 +152,30 @@ def test_dry_run_group_shows_the_training_selection(rich_dataset: Path, tmp_path
     assert "ses-2" not in text
 
 
-def test_explicit_derivatives_and_legacy_names(dataset_copy: Path, tmp_path: Path) -> None:
+def test_explicit_derivatives_and_legacy_names(dataset_copy: Path, tmp_path: Path, tiny_model: Path) -> None:
     legacy = tmp_path / "manual"
     (legacy / "sub-01" / "anat").mkdir(parents=True)
     source = dataset_copy / "derivatives" / "labels" / "sub-01" / "anat"
     shutil.copy(source / "sub-01_T2w_label-SC_seg.nii.gz", legacy / "sub-01" / "anat" / "sub-01_T2w_seg-manual.nii.gz")
     out = tmp_path / "out"
     args = ["--participant-label", "01", "02", "--derivatives", legacy, *FAST]
-    assert run_cli(dataset_copy, out, "participant", *args) == 0
+    assert run_cli(dataset_copy, out, "participant", *args, *participant_args(tiny_model)) == 0
     images = run_record(out, "participant")["inputs"]["images"]
     assert images[0]["cord_mask"] == str(legacy / "sub-01" / "anat" / "sub-01_T2w_seg-manual.nii.gz")
     assert images[1]["cord_mask"] is None
-    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "cord") == 0
+    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "cord", *participant_args(tiny_model)) == 0
     kept = run_record(out, "participant")["inputs"]["images"]
     assert [i["subject"] for i in kept] == ["01"]
-    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "seg-manual") == 0
+    assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "seg-manual", *participant_args(tiny_model)) == 0
     assert [i["subject"] for i in run_record(out, "participant")["inputs"]["images"]] == ["01"]
     assert run_cli(dataset_copy, out, "participant", *args, "--require-derivative", "lesion") == ExitCode.MISSING_INPUT
 
 
-def test_config_file_overrides_and_flags_win(simple_dataset: Path, tmp_path: Path) -> None:
+def test_config_file_overrides_and_flags_win(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     config = tmp_path / "settings.yaml"
     config.write_text("preset: tiny\ncompute:\n  seed: 7\nselection:\n  participant_labels: ['01']\n")
     out = tmp_path / "out"
-    assert run_cli(simple_dataset, out, "participant", "--config", config, "--seed", "9", *FAST) == 0
+    assert run_cli(simple_dataset, out, "participant", "--config", config, "--seed", "9", *FAST, *participant_args(tiny_model)) == 0
     settings = run_record(out, "participant")["settings"]
     assert settings["preset"] == "tiny"
     assert settings["compute"]["seed"] == 9
@@ -227,7 +227,7 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     assert "vqgan: already trained" in caplog.text and "diffusion: already trained" in caplog.text
 
 
-def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Path, tmp_path: Path) -> None:
+def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "out"
     assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST, *PLAN) == 0
     models = out / "models"
@@ -244,9 +244,8 @@ def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Pat
     record = run_record(out, "group")
     assert record["preprocessing"]["split"] == split
 
-    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", *FAST) == 0
-    model_space = run_record(out, "participant")["model_space"]
-    assert model_space["sub-05/anat/sub-05_T2w.nii.gz"]["shape"] == [32, 32, 32]
+    assert run_cli(simple_dataset, out, "participant", "--participant-label", "05", *FAST, *participant_args(tiny_model)) == 0
+    assert run_record(out, "participant")["segmentation"]["segmented"] == ["sub-05/anat/sub-05_T2w.nii.gz"]
 
 
 def test_an_existing_plan_is_kept_on_rerun(simple_dataset: Path, tmp_path: Path, caplog) -> None:

@@ -1,0 +1,174 @@
+"""Participant level: segment every selected image and write its derivatives.
+
+Per image, in this order: counterfactual, anomaly map (probseg), lesion table, evaluation (when a
+ground-truth lesion mask exists), and the lesion mask last, so an existing mask means the image is
+done: a rerun after a crash skips finished images and redoes the interrupted one (``--overwrite``
+redoes all). Every write is atomic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bids_app.bids.derivatives import atomic_write_json, output_relpath, write_derivative
+from bids_app.bids.layout import ImageRecord, name_parts
+from bids_app.errors import BadDataError, MissingInputError
+from bids_app.model_store import TrainedModels, load_trained_models
+from bids_app.pipelines.segment import (
+    counterfactual_settings,
+    describe_settings,
+    mean_counterfactual,
+    native_residual,
+    residual_settings,
+)
+from bids_app.segmentation.calibration import Calibration, probability_map, with_threshold
+from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
+from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
+from bids_app.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "evaluation_summary.tsv"
+
+
+def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibration:
+    """The calibrated threshold from the model directory (checksum-verified), or ``--threshold``."""
+    import hashlib
+
+    entry = models.card.get("calibration")
+    calibration = None
+    if entry:
+        path = settings.model_dir / entry["file"]
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise BadDataError(f"{path}: checksum mismatch with the model card: the calibration is corrupted or was modified")
+        calibration = Calibration.from_dict(json.loads(data)["calibration"])
+        _warn_if_settings_differ(settings, json.loads(data)["identity"])
+    if calibration is None:
+        raise MissingInputError(
+            f"the model in {settings.model_dir} is not calibrated: run the group level with the stage calibrate "
+            "(it also gives the healthy reference that --threshold and the anomaly map need)"
+        )
+    threshold = settings.segmentation.threshold
+    return with_threshold(calibration, threshold) if threshold is not None else calibration
+
+
+def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
+                   device: str) -> dict[str, Any]:
+    models = load_trained_models(settings.model_dir, device)
+    calibration = load_calibration(settings, models)
+    log.info("threshold %.4g (%s)", calibration.threshold, calibration.source)
+    done, skipped, evaluations = [], [], []
+    for number, record in enumerate(images, 1):
+        mask_path = settings.output_dir / output_relpath(record.relpath, "lesion_mask", disambiguate.get(record.relpath, False))
+        if mask_path.is_file() and not settings.segmentation.overwrite:
+            log.info("[%d/%d] %s: outputs exist, skipped (--overwrite redoes them)", number, len(images), record.relpath)
+            skipped.append(record.relpath)
+            evaluations.extend(_existing_evaluation(mask_path, record))
+            continue
+        log.info("[%d/%d] %s: segmenting", number, len(images), record.relpath)
+        evaluation = segment_one(settings, models, calibration, record, disambiguate.get(record.relpath, False), device)
+        if evaluation is not None:
+            evaluations.append(evaluation)
+        done.append(record.relpath)
+    summary = None
+    if len(evaluations) > 1:
+        summary = summarise(evaluations)
+        write_summary_tsv(settings.output_dir / SUMMARY_FILE, evaluations)
+        log.info("evaluation summary of %d image(s): %s", len(evaluations), settings.output_dir / SUMMARY_FILE)
+    return {"segmented": done, "skipped": skipped, "threshold": calibration.threshold,
+            "threshold_source": calibration.source, "evaluation_summary": summary}
+
+
+def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calibration, record: ImageRecord,
+                disambiguate: bool, device: str) -> dict[str, Any] | None:
+    seg = settings.segmentation
+    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
+    result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device)
+    source = result.preprocessed.trace.source
+    probability = probability_map(result.residual, calibration, result.region)
+    mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
+                       seg.min_lesion_mm3, seg.majority_smoothing)
+    extra = {
+        **describe_settings(cf, rs),
+        "Threshold": calibration.threshold,
+        "ThresholdSource": calibration.source,
+        "AnalysisRegion": "dilated spinal-cord mask" if result.region_source == "cord" else "body foreground",
+        "ModelCardSHA256": models.card_sha256,
+    }
+    if record.cord_mask is not None:
+        extra["CordMask"] = str(record.cord_mask)
+    out = settings.output_dir
+    write_derivative(source.to_nifti(mean_counterfactual(result), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
+    write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
+    mask_rel = output_relpath(record.relpath, "lesion_mask", disambiguate)
+    stem = name_parts(mask_rel.name)[1]
+    rows = lesion_table(mask, probability, source.affine)
+    write_lesion_tsv(out / mask_rel.parent / f"{stem}_lesions.tsv", rows)
+    voxel_volume = float(np.prod(result.spacing_mm))
+    evaluation: dict[str, Any] | None = {"image": record.relpath, "n_lesions": len(rows),
+                                         "lesion_volume_mm3": float(mask.sum() * voxel_volume),
+                                         "seconds": round(result.seconds, 2)}
+    if record.lesion_mask is not None:
+        truth = _truth(record, mask.shape)
+        evaluation.update(evaluate(mask, probability, truth, result.region, voxel_volume))
+    else:
+        evaluation.update(healthy_false_positive(mask, voxel_volume))
+    atomic_write_json(out / mask_rel.parent / f"{stem}_evaluation.json", evaluation)
+    if seg.strength_sweep:
+        _write_sweep(settings, models, record, device)
+    write_derivative(source.to_nifti(mask, "mask"), record.relpath, "lesion_mask", out, extra, disambiguate)
+    log.info("%s: %d lesion(s), %.1f mm3%s (%.1f s)", record.relpath, len(rows), evaluation["lesion_volume_mm3"],
+             f", Dice {evaluation['dice']:.3f}" if "dice" in evaluation else "", result.seconds)
+    return evaluation
+
+
+def _truth(record: ImageRecord, shape: tuple[int, ...]) -> np.ndarray:
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(record.lesion_mask)).dataobj)
+    data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.shape != tuple(shape):
+        raise BadDataError(f"{record.lesion_mask}: shape {data.shape} does not match its image {tuple(shape)}")
+    return data > 0.5
+
+
+def _existing_evaluation(mask_path: Path, record: ImageRecord) -> list[dict[str, Any]]:
+    path = mask_path.with_name(name_parts(mask_path.name)[1] + "_evaluation.json")
+    try:
+        return [json.loads(path.read_text())]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageRecord, device: str) -> None:
+    """The counterfactual and residual at each strength of the sweep (native grid, ``sweep/``)."""
+    seg = settings.segmentation
+    rs = residual_settings(seg)
+    folder = settings.output_dir / "sweep" / Path(record.relpath).parent
+    stem = name_parts(Path(record.relpath).name)[0]
+    for strength in seg.strength_sweep:
+        cf = counterfactual_settings(seg, settings.compute.seed, (strength,))
+        result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device)
+        source = result.preprocessed.trace.source
+        from bids_app.bids.derivatives import save_nifti_atomic
+
+        tag = f"strength-{int(round(strength * 100)):03d}"
+        save_nifti_atomic(source.to_nifti(mean_counterfactual(result), "image"), folder / f"{stem}_{tag}_counterfactual.nii.gz")
+        save_nifti_atomic(source.to_nifti(result.residual, "probability"), folder / f"{stem}_{tag}_residual.nii.gz")
+    log.info("%s: strength sweep %s written to %s", record.relpath, list(seg.strength_sweep), folder)
+
+
+def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
+    seg = settings.segmentation
+    now = {"strengths": list(seg.strengths), "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler,
+           "median_size": seg.median_size, "cord_margin_mm": seg.cord_margin_mm}
+    differing = [k for k, v in now.items() if identity.get(k) != v]
+    if differing:
+        log.warning("segmentation settings %s differ from those the threshold was calibrated with (%s): the "
+                    "calibrated false-positive rate does not hold; rerun the group stage calibrate with them",
+                    ", ".join(differing), ", ".join(f"{k}={identity.get(k)}" for k in differing))

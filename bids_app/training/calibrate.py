@@ -1,0 +1,53 @@
+"""Stage ``calibrate``: the lesion threshold from healthy held-out participants, without lesion labels.
+
+The same counterfactual procedure the participant level runs is applied to the validation
+participants (healthy, never trained on); their native-grid residuals inside the analysis region are
+pooled and the threshold is set at a high quantile of them, so that a healthy cord voxel exceeds it
+with probability ``1 - quantile``. The pooled values are kept as the reference distribution that
+turns a residual into the anomaly probability written as ``probseg``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from bids_app.data import Sample
+from bids_app.model_store import TrainedModels
+from bids_app.pipelines.segment import counterfactual_settings, native_residual, residual_settings
+from bids_app.segmentation.calibration import Calibration, calibrate
+from bids_app.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibration_identity(settings: RunSettings, diffusion_sha256: str) -> dict[str, Any]:
+    """What a calibration depends on: the model and every setting of the residual procedure."""
+    seg = settings.segmentation
+    return {
+        "diffusion_sha256": diffusion_sha256, "strengths": list(seg.strengths), "n_samples": seg.n_samples,
+        "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size,
+        "cord_margin_mm": seg.cord_margin_mm, "quantile": seg.calibration_quantile, "seed": settings.compute.seed,
+    }
+
+
+def run_calibration(settings: RunSettings, models: TrainedModels, samples: Sequence[Sample], device: str) -> Calibration:
+    """Threshold from the residuals of healthy images the models never saw."""
+    seg = settings.segmentation
+    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
+    residuals, regions = [], []
+    for sample in samples:
+        result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device)
+        residuals.append(result.residual)
+        regions.append(result.region)
+        log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
+    calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile)
+    log.info("calibrated threshold %.4g = quantile %.4g of %d healthy in-region voxels from %d image(s)",
+             calibration.threshold, seg.calibration_quantile, calibration.n_voxels, calibration.n_images)
+    return calibration
+
+
+def calibration_path(model_dir: Path) -> Path:
+    return Path(model_dir) / CALIBRATION_FILE
