@@ -106,7 +106,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
     write_derivative(source.to_nifti(mean_counterfactual(result), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
     write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
     mask_rel = output_relpath(record.relpath, "lesion_mask", disambiguate)
-    stem = name_parts(mask_rel.name)[1]
+    stem = name_parts(Path(record.relpath).name)[0]  # sub-01_ses-1_T2w: unique across contrasts
     rows = lesion_table(mask, probability, source.affine)
     write_lesion_tsv(out / mask_rel.parent / f"{stem}_lesions.tsv", rows)
     voxel_volume = float(np.prod(result.spacing_mm))
@@ -138,7 +138,7 @@ def _truth(record: ImageRecord, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _existing_evaluation(mask_path: Path, record: ImageRecord) -> list[dict[str, Any]]:
-    path = mask_path.with_name(name_parts(mask_path.name)[1] + "_evaluation.json")
+    path = mask_path.with_name(name_parts(Path(record.relpath).name)[0] + "_evaluation.json")
     try:
         return [json.loads(path.read_text())]
     except (OSError, json.JSONDecodeError):

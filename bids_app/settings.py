@@ -116,7 +116,7 @@ class SegmentationSettings:
     eta: float = 0.0
     max_latent_voxels: int | None = None
     median_size: int = 3
-    cord_margin_mm: float = 2.0
+    cord_margin_mm: float = 0.0  # measured: bright CSF next to the cord dominates a dilated region
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
     calibration_quantile: float = 0.999
