@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
           help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")
     _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter")
+    _flag(seg, "--adapter-scale", type=float, metavar="W", help="weight of the adapter's features (default 1; 0 = off)")
     _flag(seg, "--overwrite", action="store_true", help="redo images whose outputs already exist")
 
     run = parser.add_argument_group("running")
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--omp-nthreads", type=int, metavar="N", help="threads per process (torch intra-op)")
     _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
     _flag(run, "--stages", nargs="+", metavar="STAGE",
-          help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion (default: vqgan diffusion)")
+          help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion, "
+               "adapter, calibrate (default: all)")
     _flag(run, "--retrain", action="store_true", help="group level: retrain stages that already finished")
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
     _flag(run, "--demo", metavar="OUTDIR", type=Path,
@@ -174,7 +176,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         cli["training"] = training
     segmentation: dict[str, Any] = {}
     for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
-                      ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite")):
+                      ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite"),
+                      ("adapter_scale", "adapter_scale")):
         if flag in args:
             segmentation[key] = getattr(args, flag)
     if "no_adapter" in args:

@@ -39,6 +39,7 @@ class TrainedModels:
     scheduler_config: Any
     latent_scale: float
     plan: PreprocessingPlan
+    adapter: Any = None
 
 
 def store_component(directory: Path, weights: Mapping[str, torch.Tensor], identity: Mapping[str, Any],
@@ -114,8 +115,21 @@ def load_components(model_dir: Path, plan: PreprocessingPlan, device: str = "cpu
     diffusion = read_stage(model_dir / "diffusion")
     if not diffusion:
         raise MissingInputError(f"no trained diffusion model in {model_dir / 'diffusion'}: run the diffusion stage first")
+    adapter = load_adapter(model_dir / "adapter", device) if is_finished(model_dir / "adapter") else None
     return TrainedModels({}, "", load_vqgan(model_dir / "vqgan", device), load_unet(model_dir / "diffusion", device),
-                         SchedulerConfig.from_dict(diffusion["scheduler"]), float(diffusion["latent_scale"]), plan)
+                         SchedulerConfig.from_dict(diffusion["scheduler"]), float(diffusion["latent_scale"]), plan,
+                         adapter)
+
+
+def load_adapter(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
+    from bids_app.models.adapter import AdapterConfig, T2IAdapter
+
+    stage = read_stage(directory)
+    if not stage:
+        raise MissingInputError(f"no trained adapter in {directory}")
+    model = T2IAdapter(_config(AdapterConfig, directory))
+    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
+    return model.to(device).eval()
 
 
 def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
@@ -134,13 +148,15 @@ def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
     try:
         vqgan = load_vqgan(model_dir / "vqgan", device, components["vqgan"]["sha256"])
         unet = load_unet(model_dir / "diffusion", device, components["diffusion"]["sha256"])
+        adapter = (load_adapter(model_dir / "adapter", device, components["adapter"]["sha256"])
+                   if "adapter" in components else None)
         plan = PreprocessingPlan.from_dict(card["preprocessing"]["plan"])
         scheduler = SchedulerConfig.from_dict(card["scheduler"])
         scale = float(card["latent_scale"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise BadDataError(f"{model_dir}: the model does not match its model card ({exc})") from exc
     log.info("loaded the model in %s (counterseg %s, preset %s)", model_dir, card.get("version"), card.get("preset"))
-    return TrainedModels(card, card_sha, vqgan, unet, scheduler, scale, plan)
+    return TrainedModels(card, card_sha, vqgan, unet, scheduler, scale, plan, adapter)
 
 
 def _config(cls: Any, directory: Path) -> Any:

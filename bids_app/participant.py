@@ -19,6 +19,7 @@ from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, MissingInputError
 from bids_app.model_store import TrainedModels, load_trained_models
 from bids_app.pipelines.segment import (
+    adapter_for,
     counterfactual_settings,
     describe_settings,
     mean_counterfactual,
@@ -88,7 +89,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
                 disambiguate: bool, device: str) -> dict[str, Any] | None:
     seg = settings.segmentation
     cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
-    result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device)
+    result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
+                             adapter_for(models, seg))
     source = result.preprocessed.trace.source
     probability = probability_map(result.residual, calibration, result.region)
     mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
@@ -99,6 +101,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
         "ThresholdSource": calibration.source,
         "AnalysisRegion": "dilated spinal-cord mask" if result.region_source == "cord" else "body foreground",
         "ModelCardSHA256": models.card_sha256,
+        "AdapterUsed": result.adapter_used,
+        "AdapterScale": seg.adapter_scale if result.adapter_used else 0.0,
     }
     if record.cord_mask is not None:
         extra["CordMask"] = str(record.cord_mask)
@@ -153,7 +157,8 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageReco
     stem = name_parts(Path(record.relpath).name)[0]
     for strength in seg.strength_sweep:
         cf = counterfactual_settings(seg, settings.compute.seed, (strength,))
-        result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device)
+        result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
+                                 adapter_for(models, seg))
         source = result.preprocessed.trace.source
         from bids_app.bids.derivatives import save_nifti_atomic
 
@@ -166,7 +171,8 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageReco
 def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
     seg = settings.segmentation
     now = {"strengths": list(seg.strengths), "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler,
-           "median_size": seg.median_size, "cord_margin_mm": seg.cord_margin_mm}
+           "median_size": seg.median_size, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
+           "adapter_scale": seg.adapter_scale}
     differing = [k for k, v in now.items() if identity.get(k) != v]
     if differing:
         log.warning("segmentation settings %s differ from those the threshold was calibrated with (%s): the "

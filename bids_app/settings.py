@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from bids_app.errors import UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
-TRAINING_STAGES = ("plan", "vqgan", "diffusion", "calibrate")  # "plan" (data preparation) always runs first
+TRAINING_STAGES = ("plan", "vqgan", "diffusion", "adapter", "calibrate")  # "plan" (data preparation) always runs first
 
 #: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
 #: (``sub-01_ses-1_T2w``), ``{entities}`` the same without the suffix (``sub-01_ses-1``).
@@ -123,6 +123,7 @@ class SegmentationSettings:
     threshold: float | None = None
     strength_sweep: tuple[float, ...] = ()
     use_adapter: bool = True
+    adapter_scale: float = 1.0
     overwrite: bool = False
 
 
@@ -130,11 +131,12 @@ class SegmentationSettings:
 class TrainingSettings:
     """Which stages run and how; a finished stage is skipped unless ``retrain``."""
 
-    stages: tuple[str, ...] = ("vqgan", "diffusion", "calibrate")
+    stages: tuple[str, ...] = ("vqgan", "diffusion", "adapter", "calibrate")
     retrain: bool = False
     augment: bool = True
     vqgan: VQGANStageSettings = field(default_factory=VQGANStageSettings)
     diffusion: DiffusionStageSettings = field(default_factory=DiffusionStageSettings)
+    adapter: StageSettings = field(default_factory=StageSettings)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class ModelSettings:
     discriminator: Mapping[str, Any] = field(default_factory=dict)
     unet: Mapping[str, Any] = field(default_factory=dict)
     scheduler: Mapping[str, Any] = field(default_factory=dict)
+    adapter: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "checkpoint_every": 20, "log_every": 10, "figure_every": 30},
             "diffusion": {"max_steps": 80, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9,
                           "checkpoint_every": 20, "log_every": 10, "figure_every": 40},
+            "adapter": {"max_steps": 40, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 20,
+                        "log_every": 10, "figure_every": 0},
         },
     },
 }

@@ -49,7 +49,8 @@ def dataset_copy(simple_dataset: Path, tmp_path: Path) -> Path:
 #: A few optimisation steps per stage: enough for a model directory that loads and segments, fast.
 TINY_TRAINING = {
     "training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 2},
-                 "diffusion": {"max_steps": 4, "figure_every": 2}},
+                 "diffusion": {"max_steps": 4, "figure_every": 2},
+                 "adapter": {"max_steps": 2}},
     "segmentation": {"steps": 2},
 }
 

@@ -12,9 +12,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 
 from bids_app.pipelines.counterfactual import Counterfactual, CounterfactualSettings, counterfactuals
 from bids_app.preprocessing.pipeline import Preprocessed, preprocess
@@ -35,6 +36,7 @@ class NativeResidual:
     region_source: str
     seconds: float
     spacing_mm: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
+    adapter_used: bool = False
 
 
 def native_residual(
@@ -68,7 +70,25 @@ def native_residual(
     uncertainty = np.where(native_region, np.clip(trace.inverse(spread, "probability"), 0, None), 0.0)
     zooms = tuple(float(z) for z in trace.source.zooms[:3])
     return NativeResidual(pre, tuple(cfs), native.astype(np.float32), native_region, uncertainty.astype(np.float32),
-                          source, time.monotonic() - started, zooms)
+                          source, time.monotonic() - started, zooms, features is not None)
+
+
+def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed], list | None] | None:
+    """Adapter features from an image's cord mask (computed once, reused at every step), or None
+    when the model has no adapter, it is switched off, or the image has no cord mask."""
+    if getattr(models, "adapter", None) is None or not seg.use_adapter or seg.adapter_scale == 0:
+        return None
+    device = next(models.unet.parameters()).device
+
+    def features(pre: Preprocessed) -> list | None:
+        cord = pre.masks.get("cord")
+        if cord is None or not cord.any():
+            return None
+        control = torch.from_numpy(np.ascontiguousarray(cord, dtype=np.float32))[None, None].to(device)
+        with torch.no_grad():
+            return models.adapter(control, seg.adapter_scale)
+
+    return features
 
 
 def mean_counterfactual(result: NativeResidual) -> np.ndarray:

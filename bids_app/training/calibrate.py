@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from bids_app.data import Sample
 from bids_app.model_store import TrainedModels
-from bids_app.pipelines.segment import counterfactual_settings, native_residual, residual_settings
+from bids_app.pipelines.segment import adapter_for, counterfactual_settings, native_residual, residual_settings
 from bids_app.segmentation.calibration import Calibration, calibrate
 from bids_app.settings import RunSettings
 
@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"
 
 
-def calibration_identity(settings: RunSettings, diffusion_sha256: str) -> dict[str, Any]:
+def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[str, Any]:
     """What a calibration depends on: the model and every setting of the residual procedure."""
     seg = settings.segmentation
     return {
-        "diffusion_sha256": diffusion_sha256, "strengths": list(seg.strengths), "n_samples": seg.n_samples,
+        "models_sha256": upstream_sha256, "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale,
+        "strengths": list(seg.strengths), "n_samples": seg.n_samples,
         "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size,
         "cord_margin_mm": seg.cord_margin_mm, "quantile": seg.calibration_quantile, "seed": settings.compute.seed,
     }
@@ -39,13 +40,12 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
     cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
     residuals, regions = [], []
     for sample in samples:
-        result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device)
+        result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
+                                 adapter_for(models, seg))
         residuals.append(result.residual)
         regions.append(result.region)
         log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile)
-    log.info("calibrated threshold %.4g = quantile %.4g of %d healthy in-region voxels from %d image(s)",
-             calibration.threshold, seg.calibration_quantile, calibration.n_voxels, calibration.n_images)
     return calibration
 
 

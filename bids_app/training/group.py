@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bids_app.bids.derivatives import atomic_write_json
-from bids_app.data import AugmentationSettings
+from bids_app.data import AugmentationSettings, TrainingVolumes
+from bids_app.models.adapter import AdapterConfig
+from bids_app.training.adapter import AdapterStage
 from bids_app.errors import MissingInputError
 from bids_app.model_card import MODEL_CARD, write_model_card
 from bids_app.model_store import (
@@ -21,6 +23,7 @@ from bids_app.model_store import (
     WEIGHTS_FILE,
     is_finished,
     load_components,
+    load_unet,
     load_vqgan,
     read_stage,
     store_component,
@@ -84,8 +87,13 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
                             {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
     summary["diffusion"] = read_stage(diff_dir)
 
+    adapter_dir = model_dir / "adapter"
+    if "adapter" in settings.training.stages and summary["diffusion"]:
+        _train_adapter(settings, prepared, summary, vqgan, device)
+    summary["adapter"] = read_stage(adapter_dir) if is_finished(adapter_dir) else {}
+
     if "calibrate" in settings.training.stages and summary["diffusion"]:
-        summary["calibration"] = _calibrate(settings, prepared, summary["diffusion"]["sha256"], device)
+        summary["calibration"] = _calibrate(settings, prepared, _upstream(summary), device)
     elif (model_dir / CALIBRATION_FILE).is_file():
         summary["calibration"] = json.loads((model_dir / CALIBRATION_FILE).read_text())["summary"]
 
@@ -130,6 +138,36 @@ def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
     return settings.work_dir / "checkpoints" / name
 
 
+def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any], vqgan: Any,
+                   device: str) -> None:
+    """The T2I-Adapter on the training images that have a cord mask; skipped when none has one."""
+    samples = tuple(s for s in prepared.train if "cord" in s.masks)
+    directory = settings.model_dir / "adapter"
+    if not samples:
+        log.info("adapter: skipped: no training image has a cord mask (the control derivative)")
+        return
+    diffusion = summary["diffusion"]
+    unet = load_unet(settings.model_dir / "diffusion", device)
+    config = AdapterConfig.for_models(unet.config, vqgan.config.downsample, **dict(settings.models.adapter))
+    identity = {**config.to_dict(), "diffusion_sha256": diffusion["sha256"]}
+    if is_finished(directory, identity) and not settings.training.retrain:
+        log.info("adapter: already trained (%s); --retrain trains it again", directory)
+        return
+    data = TrainingVolumes(samples, prepared.plan, settings.work_dir / "cache",
+                           augment=AugmentationSettings() if settings.training.augment else None, seed=settings.compute.seed)
+    stage = AdapterStage(vqgan, unet, SchedulerConfig.from_dict(diffusion["scheduler"]), config, settings.training.adapter,
+                         data, float(diffusion["latent_scale"]), device, settings.compute.seed)
+    result = _run(stage, settings.training.adapter, settings, "adapter", identity)
+    store_component(directory, stage.inference_weights(), identity, _summary(result),
+                    {"control": "cord", "n_images": len(samples)})
+
+
+def _upstream(summary: Mapping[str, Any]) -> str:
+    """Checksums of the models the calibration's residuals come from."""
+    adapter = summary.get("adapter") or {}
+    return summary["diffusion"]["sha256"] + (":" + adapter["sha256"] if adapter else "")
+
+
 def _calibrate(settings: RunSettings, prepared: PreparedData, diffusion_sha256: str, device: str) -> dict[str, Any]:
     """Run (or reuse) the calibration; the file holds its identity, a summary and the reference."""
     path = settings.model_dir / CALIBRATION_FILE
@@ -160,8 +198,10 @@ def _summary(result: loop.StageResult) -> dict[str, Any]:
 
 def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:
     components = {}
-    for name in ("vqgan", "diffusion"):
-        stage = summary[name]
+    for name in ("vqgan", "diffusion", "adapter"):
+        stage = summary.get(name)
+        if not stage:
+            continue
         components[name] = {
             "weights": f"{name}/{WEIGHTS_FILE}", "config": f"{name}/{CONFIG_FILE}", "sha256": stage["sha256"],
             "steps": stage["steps"], "stopped_by": stage["stopped_by"], "final_metrics": stage["final_metrics"],

@@ -51,6 +51,7 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 2
+        assert sidecar["AdapterUsed"] is True, "the tiny model has an adapter and every phantom a cord mask"
     mask_sidecar = json.loads(outputs(segmented, subject)["mask"].with_suffix("").with_suffix(".json").read_text())
     assert mask_sidecar["Type"] == "Lesion"
 
@@ -115,3 +116,11 @@ def test_user_threshold_and_strength_sweep(simple_dataset: Path, tiny_model: Pat
     assert sidecar["ThresholdSource"] == "user" and sidecar["Threshold"] == 1e9
     sweep = sorted(p.name for p in (out / "sweep" / "sub-04" / "anat").iterdir())
     assert sweep == [f"sub-04_T2w_strength-{s}_{k}.nii.gz" for s in ("020", "040") for k in ("counterfactual", "residual")]
+
+
+def test_no_adapter_flag_is_recorded(simple_dataset: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "02", "--no-adapter",
+                     *FAST, *participant_args(tiny_model)]) == 0
+    sidecar = json.loads(outputs(out, "02")["mask"].with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["AdapterUsed"] is False
