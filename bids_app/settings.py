@@ -94,7 +94,8 @@ class VQGANStageSettings(StageSettings):
     disc_weight: float = 0.1
     feature_matching_weight: float = 1.0
     crop_shape: tuple[int, ...] | None = None
-    perceptual_weights: Path | None = None
+    perceptual_weights: Path | None = None  # a local TorchScript feature extractor (never downloaded)
+    perceptual_weight: float = 0.1
 
 
 @dataclass(frozen=True)

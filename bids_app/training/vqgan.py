@@ -2,9 +2,9 @@
 
 Generator loss: L1 reconstruction + commitment; after ``disc_start`` steps (the discriminator
 warm-up) also hinge adversarial terms from a 2D patch discriminator on random slices and a 3D patch
-discriminator on volumes, plus discriminator feature matching. A perceptual loss needs pretrained
-weights, which are never downloaded; counterseg has no local-weights perceptual network, so the loss
-is off and the log says so.
+discriminator on volumes, plus discriminator feature matching. A perceptual loss runs only with a
+local TorchScript feature extractor given as ``perceptual_weights`` (nothing is downloaded);
+without it the loss is off and the log says so.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from bids_app.settings import VQGANStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
 from bids_app.training.figures import save_volume_figure
+from bids_app.training.perceptual import PerceptualLoss
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ class VQGANStage:
         self.opt_d = torch.optim.Adam(self._disc_parameters(), lr=settings.learning_rate, betas=(0.5, 0.9))
         self.scaler_g = loop.make_scaler(device, settings.precision)
         self.scaler_d = loop.make_scaler(device, settings.precision)
+        self.perceptual = None
         if settings.perceptual_weights is not None:
-            log.warning("vqgan: perceptual_weights=%s given, but no perceptual network is bundled; "
-                        "the perceptual loss stays off", settings.perceptual_weights)
+            self.perceptual = PerceptualLoss(settings.perceptual_weights, device)
         else:
             log.info("vqgan: perceptual loss off (no local weights file; nothing is downloaded)")
 
@@ -81,6 +82,12 @@ class VQGANStage:
             out = self.model(real, self.generator)
             reconstruction = F.l1_loss(out.reconstruction.float(), real)
             loss_g = reconstruction + out.commitment_loss
+            perceptual = None
+            if self.perceptual is not None:
+                real_slices, chosen = random_slices(real, self.disc_config.slices_per_volume, self.generator)
+                fake_slices, _ = random_slices(out.reconstruction, self.disc_config.slices_per_volume, selection=chosen)
+                perceptual = self.perceptual(real_slices, fake_slices)
+                loss_g = loss_g + self.settings.perceptual_weight * perceptual
             gan_g = fm = torch.zeros((), device=real.device)
             if adversarial:
                 gan_g, fm, selection = self._generator_terms(real, out.reconstruction)
@@ -89,6 +96,8 @@ class VQGANStage:
                             self.settings.clip_norm, "vqgan generator loss")
         metrics = {"l1": float(reconstruction.detach()), "commitment": float(out.commitment_loss.detach()),
                    "perplexity": float(out.perplexity), "dead_codes": float(out.dead_codes)}
+        if perceptual is not None:
+            metrics["perceptual"] = float(perceptual.detach())
         if adversarial:
             with loop.autocast(self.device, self.settings.precision):
                 loss_d = self._discriminator_loss(real, out.reconstruction.detach(), selection)

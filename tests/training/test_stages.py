@@ -1,7 +1,10 @@
 """The real training stages: an interrupted and resumed run equals an uninterrupted one."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -75,3 +78,31 @@ def test_vqgan_adversarial_terms_start_after_warm_up() -> None:
     stage = vq_stage()
     assert "d_loss" not in stage.train_step(0)
     assert "d_loss" in stage.train_step(2)
+
+
+class SliceFeatures(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = torch.nn.functional.avg_pool2d(x, 2)
+        return [first, torch.nn.functional.avg_pool2d(first, 2)]
+
+
+def test_perceptual_loss_only_with_a_local_feature_extractor(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="bids_app")
+    assert "perceptual" not in vq_stage().train_step(0)
+    assert "perceptual loss off" in caplog.text
+    path = tmp_path / "features.pt"
+    torch.jit.script(SliceFeatures()).save(str(path))
+    data = TensorVolumes()
+    settings = VQGANStageSettings(max_steps=2, batch_size=2, disc_start=5, figure_every=0, perceptual_weights=path)
+    metrics = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5).train_step(0)
+    assert metrics["perceptual"] > 0
+
+
+def test_a_bad_perceptual_file_is_refused(tmp_path: Path) -> None:
+    from bids_app.errors import BadDataError
+
+    path = tmp_path / "features.pt"
+    path.write_bytes(b"not torchscript")
+    settings = VQGANStageSettings(max_steps=2, perceptual_weights=path)
+    with pytest.raises(BadDataError, match="TorchScript"):
+        VQGANStage(tiny_config(), DISC, settings, TensorVolumes(), TensorVolumes(), "cpu", seed=5)
