@@ -26,7 +26,8 @@ class PerceptualLoss(torch.nn.Module):
             self.network = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, ValueError, OSError) as exc:
             raise BadDataError(f"{path}: not a TorchScript feature extractor ({exc})") from exc
-        self.network.requires_grad_(False)
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
         log.info("vqgan: perceptual loss on, features from %s", path)
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
