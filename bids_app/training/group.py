@@ -97,7 +97,7 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
     elif (model_dir / CALIBRATION_FILE).is_file():
         summary["calibration"] = json.loads((model_dir / CALIBRATION_FILE).read_text())["summary"]
 
-    if not {"vqgan", "diffusion"} & set(settings.training.stages):
+    if set(settings.training.stages) <= {"plan"}:
         log.info("only the plan stage was asked for: no model is trained")
     elif summary.get("vqgan") and summary.get("diffusion"):
         write_model_card(model_dir, _card(settings, prepared, summary))
