@@ -186,9 +186,13 @@ class RunSettings:
 
 #: Presets name a scale of models and data (``tiny``: CPU-sized, for tests and the demo): overrides
 #: applied over the defaults and under the user's ``--config`` and flags.
+#: v-prediction in both: with epsilon-prediction the clean-latent estimate at the top of the cosine
+#: schedule (sqrt(alpha_bar) ~ 5e-5) amplifies any error by 1e4, and samples from pure noise fail.
+_V_PREDICTION = {"scheduler": {"prediction_type": "v_prediction"}}
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {"models": _V_PREDICTION},
     "tiny": {
+        "models": _V_PREDICTION,
         "preprocessing": {"max_shape": (32, 32, 32)},
         "training": {
             "vqgan": {"max_steps": 60, "batch_size": 2, "learning_rate": 1e-3, "disc_start": 40,
