@@ -6,7 +6,8 @@ On every lesion participant and every held-out healthy participant of BIDS_DIR (
 split recorded in MODEL_DIR), in model space (the preprocessed grid, ground truth resampled
 nearest-neighbour), it compares:
 
-- counterfactual: the app's residual |x - x_hat| at the configured strength(s);
+- counterfactual: the app's residual |x - x_hat| at the configured strength(s), with and (when the
+  model has one) without the T2I-Adapter steering it with the cord mask;
 - reconstruction: the same residual at strength 0 (the VQ-GAN alone);
 - zscore: in-region intensity z-score of the image itself.
 
@@ -43,10 +44,16 @@ def scores_for(models, pre, strengths, steps, seed):
     cf = CounterfactualSettings(strengths=tuple(strengths), steps=steps, seed=seed)
     counterfactual = residual_map(pre.image, [c.image for c in counterfactuals(
         models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, cf)])[0]
+    scores = {}
+    if models.adapter is not None and "cord" in pre.masks:
+        features = models.adapter(torch.from_numpy(pre.masks["cord"].astype(np.float32))[None, None])
+        steered = residual_map(pre.image, [c.image for c in counterfactuals(
+            models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, cf, "cpu", features)])[0]
+        scores["counterfactual+adapter"] = smooth(steered, 3, valid=pre.valid)
     recon_cf = CounterfactualSettings(strengths=(0.0,), steps=steps, seed=seed)
     reconstruction = residual_map(pre.image, [c.image for c in counterfactuals(
         models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, recon_cf)])[0]
-    return {"counterfactual": smooth(counterfactual, 3, valid=pre.valid),
+    return {"counterfactual": smooth(counterfactual, 3, valid=pre.valid), **scores,
             "reconstruction": smooth(reconstruction, 3, valid=pre.valid),
             "zscore": pre.image}
 
@@ -83,7 +90,8 @@ def main() -> int:
         scores["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
         prepared[record.relpath] = (record, pre, region, scores)
     results = {}
-    for method in ("counterfactual", "reconstruction", "zscore"):
+    methods = next(iter(prepared.values()))[3].keys()
+    for method in methods:
         pooled = np.concatenate([prepared[r.relpath][3][method][prepared[r.relpath][2]] for r in healthy])
         threshold = float(np.quantile(pooled, 0.999))
         dices, oracles, aps, fp = [], [], [], []
