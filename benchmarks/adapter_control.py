@@ -69,7 +69,7 @@ def main() -> int:
     validation = {p.removeprefix("sub-") for p in models.card["validation_participants"]}
     control, fidelity = {"with": [], "without": []}, {"with": [], "without": []}
     for index, record in enumerate(healthy):
-        pre = preprocess(record.image, models.plan, {"cord": record.cord_mask})
+        pre = preprocess(record.image, models.plan, {"cord": record.cord_mask})  # the default control
         cord = pre.masks["cord"].astype(bool)
         mask = torch.from_numpy(cord.astype(np.float32))[None, None]
         features = models.adapter(mask)

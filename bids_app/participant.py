@@ -90,7 +90,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
     seg = settings.segmentation
     cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
     result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
-                             adapter_for(models, seg))
+                             adapter_for(models, seg), record.control_mask)
     source = result.preprocessed.trace.source
     probability = probability_map(result.residual, calibration, result.region)
     mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
@@ -106,6 +106,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
     }
     if record.cord_mask is not None:
         extra["CordMask"] = str(record.cord_mask)
+    if result.adapter_used:
+        extra["AdapterControl"] = str(record.control_mask)
     out = settings.output_dir
     write_derivative(source.to_nifti(mean_counterfactual(result), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
     write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
@@ -158,7 +160,7 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageReco
     for strength in seg.strength_sweep:
         cf = counterfactual_settings(seg, settings.compute.seed, (strength,))
         result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
-                                 adapter_for(models, seg))
+                                 adapter_for(models, seg), record.control_mask)
         source = result.preprocessed.trace.source
         from bids_app.bids.derivatives import save_nifti_atomic
 

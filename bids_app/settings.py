@@ -51,6 +51,8 @@ class SelectionSettings:
     require_derivatives: tuple[str, ...] = ()
     cord_names: tuple[str, ...] = DEFAULT_CORD_NAMES
     lesion_names: tuple[str, ...] = DEFAULT_LESION_NAMES
+    #: The T2I-Adapter's control derivative; empty = the cord mask (found with ``cord_names``).
+    control_names: tuple[str, ...] = ()
     healthy_column: str = "pathology"
     healthy_value: str = "HC"
     train_participants: tuple[str, ...] = ()

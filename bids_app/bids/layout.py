@@ -54,6 +54,7 @@ class ImageRecord:
     entities: Mapping[str, str] = field(default_factory=dict)
     cord_mask: Path | None = None
     lesion_mask: Path | None = None
+    control_mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,7 @@ def _record(
         entities=kept,
         cord_mask=match_derivative(rel, roots, selection.cord_names),
         lesion_mask=match_derivative(rel, roots, selection.lesion_names),
+        control_mask=match_derivative(rel, roots, selection.control_names or selection.cord_names),
     )
 
 

@@ -48,10 +48,13 @@ def native_residual(
     residual_settings: ResidualSettings,
     device: str = "cpu",
     adapter: Any = None,
+    control_mask: Path | None = None,
 ) -> NativeResidual:
     """Preprocess, synthesise the counterfactual(s), and map the residual back to the native grid."""
     started = time.monotonic()
     masks = {"cord": cord_mask} if cord_mask is not None else {}
+    if control_mask is not None and adapter is not None:
+        masks["control"] = control_mask
     pre = preprocess(image, models.plan, masks=masks)
     features = adapter(pre) if adapter is not None else None
     cfs = counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
@@ -74,17 +77,17 @@ def native_residual(
 
 
 def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed], list | None] | None:
-    """Adapter features from an image's cord mask (computed once, reused at every step), or None
-    when the model has no adapter, it is switched off, or the image has no cord mask."""
+    """Adapter features from an image's control derivative (computed once, reused at every step), or
+    None when the model has no adapter, it is switched off, or the image has no control derivative."""
     if getattr(models, "adapter", None) is None or not seg.use_adapter or seg.adapter_scale == 0:
         return None
     device = next(models.unet.parameters()).device
 
     def features(pre: Preprocessed) -> list | None:
-        cord = pre.masks.get("cord")
-        if cord is None or not cord.any():
+        mask = pre.masks.get("control")
+        if mask is None or not mask.any():
             return None
-        control = torch.from_numpy(np.ascontiguousarray(cord, dtype=np.float32))[None, None].to(device)
+        control = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
         with torch.no_grad():
             return models.adapter(control, seg.adapter_scale)
 

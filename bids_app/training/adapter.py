@@ -42,8 +42,8 @@ class AdapterStage:
     def train_step(self, step: int) -> dict[str, float]:
         self.adapter.train()
         batch = loop.load_batch(self.train_data, step, self.settings.batch_size, self.seed, self.device)
-        if "cord" not in batch:
-            raise BadDataError("the adapter stage needs cord masks for its training images")
+        if "control" not in batch:
+            raise BadDataError("the adapter stage needs the control derivative for its training images")
         x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
         noise = draw_noise(x0, self.generator)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],),
@@ -51,7 +51,7 @@ class AdapterStage:
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.training_target(x0, noise, t)
         with loop.autocast(self.device, self.settings.precision):
-            features = self.adapter(batch["cord"].float())
+            features = self.adapter(batch["control"].float())
             prediction = self.unet(noisy, t, features).float()
         loss = F.mse_loss(prediction, target)
         loop.optimizer_step(loss, self.optimizer, self.adapter.parameters(), self.scaler,

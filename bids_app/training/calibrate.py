@@ -41,7 +41,7 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
     residuals, regions = [], []
     for sample in samples:
         result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
-                                 adapter_for(models, seg))
+                                 adapter_for(models, seg), sample.masks.get("control"))
         residuals.append(result.residual)
         regions.append(result.region)
         log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)

@@ -141,10 +141,10 @@ def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
 def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any], vqgan: Any,
                    device: str) -> None:
     """The T2I-Adapter on the training images that have a cord mask; skipped when none has one."""
-    samples = tuple(s for s in prepared.train if "cord" in s.masks)
+    samples = tuple(s for s in prepared.train if "control" in s.masks)
     directory = settings.model_dir / "adapter"
     if not samples:
-        log.info("adapter: skipped: no training image has a cord mask (the control derivative)")
+        log.info("adapter: skipped: no training image has the control derivative (default: the cord mask)")
         return
     diffusion = summary["diffusion"]
     unet = load_unet(settings.model_dir / "diffusion", device)
@@ -159,7 +159,7 @@ def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mappi
                          data, float(diffusion["latent_scale"]), device, settings.compute.seed)
     result = _run(stage, settings.training.adapter, settings, "adapter", identity)
     store_component(directory, stage.inference_weights(), identity, _summary(result),
-                    {"control": "cord", "n_images": len(samples)})
+                    {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples)})
 
 
 def _upstream(summary: Mapping[str, Any]) -> str:

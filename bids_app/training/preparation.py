@@ -44,6 +44,8 @@ class PreparedData:
 
 def sample_of(record: ImageRecord) -> Sample:
     masks = {"cord": record.cord_mask} if record.cord_mask is not None else {}
+    if record.control_mask is not None:
+        masks["control"] = record.control_mask
     return Sample(name=record.relpath, image=record.image, masks=masks)
 
 

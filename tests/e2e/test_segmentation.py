@@ -124,3 +124,19 @@ def test_no_adapter_flag_is_recorded(simple_dataset: Path, tiny_model: Path, tmp
                      *FAST, *participant_args(tiny_model)]) == 0
     sidecar = json.loads(outputs(out, "02")["mask"].with_suffix("").with_suffix(".json").read_text())
     assert sidecar["AdapterUsed"] is False
+
+
+def test_adapter_scale_zero_and_a_chosen_control_derivative(dataset_copy: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = [str(dataset_copy), str(out), "participant", "--participant-label", "03", *FAST, *participant_args(tiny_model)]
+    assert cli.main(base + ["--adapter-scale", "0"]) == 0
+    sidecar = json.loads(outputs(out, "03")["mask"].with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["AdapterUsed"] is False
+    labels = dataset_copy / "derivatives" / "labels" / "sub-03" / "anat"
+    control = labels / "sub-03_T2w_label-canal_seg.nii.gz"
+    control.write_bytes((labels / "sub-03_T2w_label-SC_seg.nii.gz").read_bytes())
+    config = tmp_path / "control.yaml"
+    config.write_text("selection:\n  control_names: ['{stem}_label-canal_seg']\n")
+    assert cli.main(base + ["--config", str(config), "--overwrite"]) == 0
+    sidecar = json.loads(outputs(out, "03")["mask"].with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["AdapterUsed"] is True and sidecar["AdapterControl"] == str(control.resolve())
