@@ -83,28 +83,43 @@ def load_component_config(directory: Path) -> dict[str, Any]:
         raise BadDataError(f"{path}: unreadable component config ({exc})") from exc
 
 
-def load_vqgan(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
-    """A stored VQ-GAN, checksum-verified, in eval mode."""
-    from bids_app.models.vqgan import VQGAN, VQGANConfig
-
+def load_component(directory: Path, kind: str, device: str = "cpu", expected_sha256: str | None = None):
+    """A stored component (``vqgan``, ``unet``, ``adapter``), checksum-verified, in eval mode."""
+    model_cls, config_cls = _component_classes(kind)
     stage = read_stage(directory)
     if not stage:
-        raise MissingInputError(f"no trained VQ-GAN in {directory}")
-    config = _config(VQGANConfig, directory)
-    model = VQGAN(config)
+        raise MissingInputError(f"no trained {kind} in {directory}")
+    model = model_cls(_config(config_cls, directory))
     model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
     return model.to(device).eval()
+
+
+def load_vqgan(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
+    return load_component(directory, "vqgan", device, expected_sha256)
 
 
 def load_unet(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
-    from bids_app.models.unet3d import UNet3D, UNet3DConfig
+    return load_component(directory, "unet", device, expected_sha256)
 
-    stage = read_stage(directory)
-    if not stage:
-        raise MissingInputError(f"no trained diffusion model in {directory}")
-    model = UNet3D(_config(UNet3DConfig, directory))
-    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
-    return model.to(device).eval()
+
+def load_adapter(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
+    return load_component(directory, "adapter", device, expected_sha256)
+
+
+def _component_classes(kind: str) -> tuple[Any, Any]:
+    if kind == "vqgan":
+        from bids_app.models.vqgan import VQGAN, VQGANConfig
+
+        return VQGAN, VQGANConfig
+    if kind == "unet":
+        from bids_app.models.unet3d import UNet3D, UNet3DConfig
+
+        return UNet3D, UNet3DConfig
+    if kind == "adapter":
+        from bids_app.models.adapter import AdapterConfig, T2IAdapter
+
+        return T2IAdapter, AdapterConfig
+    raise ValueError(f"unknown component kind {kind!r}")
 
 
 def load_components(model_dir: Path, plan: PreprocessingPlan, device: str = "cpu") -> TrainedModels:
@@ -119,17 +134,6 @@ def load_components(model_dir: Path, plan: PreprocessingPlan, device: str = "cpu
     return TrainedModels({}, "", load_vqgan(model_dir / "vqgan", device), load_unet(model_dir / "diffusion", device),
                          SchedulerConfig.from_dict(diffusion["scheduler"]), float(diffusion["latent_scale"]), plan,
                          adapter)
-
-
-def load_adapter(directory: Path, device: str = "cpu", expected_sha256: str | None = None):
-    from bids_app.models.adapter import AdapterConfig, T2IAdapter
-
-    stage = read_stage(directory)
-    if not stage:
-        raise MissingInputError(f"no trained adapter in {directory}")
-    model = T2IAdapter(_config(AdapterConfig, directory))
-    model.load_state_dict(load_weights(Path(directory) / WEIGHTS_FILE, expected_sha256 or stage["sha256"]))
-    return model.to(device).eval()
 
 
 def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:

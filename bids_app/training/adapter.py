@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from bids_app.errors import BadDataError
 from bids_app.models.adapter import AdapterConfig, T2IAdapter
-from bids_app.schedulers import SchedulerConfig, DDIMScheduler, draw_noise
+from bids_app.schedulers import DDIMScheduler, SchedulerConfig
 from bids_app.settings import StageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.training.diffusion import encode_latent
+from bids_app.training.diffusion import encode_latent, noisy_batch
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ class AdapterStage:
         if "control" not in batch:
             raise BadDataError("the adapter stage needs the control derivative for its training images")
         x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-        noise = draw_noise(x0, self.generator)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],),
-                          generator=self.generator, device=self.generator.device).to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        target = self.scheduler.training_target(x0, noise, t)
+        noisy, t, target = noisy_batch(self.scheduler, x0, self.generator)
         with loop.autocast(self.device, self.settings.precision):
             features = self.adapter(batch["control"].float())
             prediction = self.unet(noisy, t, features).float()

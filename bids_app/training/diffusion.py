@@ -48,6 +48,14 @@ def latent_scale(vqgan: VQGAN, dataset: Any, device: str) -> float:
     return 1.0 / std
 
 
+def noisy_batch(scheduler: Any, x0: torch.Tensor, generator: torch.Generator):
+    """(noisy latents, timesteps, training target) for one batch, drawn from ``generator``."""
+    noise = draw_noise(x0, generator)
+    t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],),
+                      generator=generator, device=generator.device).to(x0.device)
+    return scheduler.add_noise(x0, noise, t), t, scheduler.training_target(x0, noise, t)
+
+
 class DiffusionStage:
     """One UNet optimisation step per ``train_step``; the VQ-GAN is frozen."""
 
@@ -83,11 +91,7 @@ class DiffusionStage:
         self.model.train()
         batch = loop.load_batch(self.train_data, step, self.settings.batch_size, self.seed, self.device)
         x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-        noise = draw_noise(x0, self.generator)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],),
-                          generator=self.generator, device=self.generator.device).to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        target = self.scheduler.training_target(x0, noise, t)
+        noisy, t, target = noisy_batch(self.scheduler, x0, self.generator)
         with loop.autocast(self.device, self.settings.precision):
             prediction = self.model(noisy, t).float()
         loss = F.mse_loss(prediction, target) if self.settings.loss == "l2" else F.l1_loss(prediction, target)
