@@ -356,6 +356,11 @@ def run_demo(outdir: Path, args: argparse.Namespace) -> int:
         if code != ExitCode.OK:
             return code
     log.info("demo finished: outputs in %s", out)
+    summary = out / "evaluation_summary.tsv"
+    if summary.is_file():
+        log.info("evaluation summary (lesion participants against the phantom's ground truth): %s", summary)
+    for report in sorted(out.glob("*.html")):
+        log.info("report: %s", report)
     return ExitCode.OK
 
 
