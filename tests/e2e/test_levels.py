@@ -222,6 +222,8 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     figures = sorted((models / "figures").glob("*.png"))
     assert any("vqgan_reconstruction" in f.name for f in figures) and any("diffusion_sample" in f.name for f in figures)
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    assert f"evaluation summary (lesion participants against the phantom's ground truth): {out / 'evaluation_summary.tsv'}" in caplog.text
+    assert (out / "sub-05" / "anat" / "sub-05_label-lesion_mask.nii.gz").is_file()
     caplog.clear()
     assert run_cli("--demo", tmp_path / "demo") == 0, "a second demo run reuses the dataset and the models"
     assert "vqgan: already trained" in caplog.text and "diffusion: already trained" in caplog.text
