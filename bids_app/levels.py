@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
 from bids_app.bids.derivatives import unique_output_names
 from bids_app.bids.images import inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BidsValidationError
-from bids_app.settings import RunSettings
+from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
 from bids_app.training.group import train_models
@@ -75,7 +75,7 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
     _check_readable(training.images)
     prepared = prepare_training_data(settings, training)
     models = train_models(settings, prepared, device)
-    return {
+    record = {
         "inputs": _describe_inputs(inputs, settings.bids_dir),
         "preprocessing": describe_preparation(prepared),
         "models": models,
@@ -86,6 +86,9 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
         },
         "device": device,
     }
+    current = {"settings": settings_to_dict(settings), **record}
+    _build_reports("group", lambda reports: reports.build_group_report(settings.output_dir, run_record=current))
+    return record
 
 
 def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
@@ -105,7 +108,23 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
     from bids_app.participant import segment_images
 
     record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device)
+    current = {"settings": settings_to_dict(settings), **record}
+    labels = sorted({r.subject for r in inputs.images})
+    _build_reports("participant", lambda reports: reports.build_participant_reports(
+        settings.output_dir, labels, run_record=current))
+    _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
+                   and reports.build_group_report(settings.output_dir))
     return record
+
+
+def _build_reports(what: str, build: Callable[[Any], Any]) -> None:
+    """Build QC reports at the end of a level; a report failure is a warning, never a failed run."""
+    try:
+        from bids_app import reports
+
+        build(reports)
+    except Exception as exc:  # noqa: BLE001 - reports are for looking at; the outputs are what count
+        log.warning("%s report(s) not built: %s: %s", what, type(exc).__name__, exc)
 
 
 def dry_run_listing(settings: RunSettings) -> str:

@@ -1,0 +1,29 @@
+"""One participant run (a healthy and a lesion participant, with a strength sweep) whose reports the
+report tests read; the group run record comes from the tiny model's own group run."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import participant_args
+
+SWEEP = (0.3, 0.6)
+
+
+@pytest.fixture(scope="package")
+def report_run(simple_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output dir of ``participant`` on sub-01 (healthy) and sub-05 (lesions, ground truth), which
+    also holds the group run record of the tiny model: the run builds both kinds of report."""
+    from bids_app import cli
+
+    out = tmp_path_factory.mktemp("reports") / "out"
+    (out / "logs").mkdir(parents=True)
+    for record in (tiny_model.parent / "logs").glob("run_group_*.json"):
+        shutil.copy2(record, out / "logs" / record.name)
+    sweep = f"{SWEEP[0]}:{SWEEP[-1]}:{SWEEP[1] - SWEEP[0]:.2f}"
+    code = cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "01", "05",
+                     "--strength-sweep", sweep, "--skip-bids-validation", *participant_args(tiny_model)])
+    assert code == 0
+    return out
