@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion, "
                "adapter, calibrate (default: all)")
     _flag(run, "--retrain", action="store_true", help="group level: retrain stages that already finished")
+    _flag(run, "--report-only", "--reports-only", action="store_true",
+          help="participant level: rebuild the summary table and reports from existing outputs; no model needed")
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
     _flag(run, "--demo", metavar="OUTDIR", type=Path,
           help="generate the synthetic dataset in OUTDIR/bids and run both levels (tiny preset) into OUTDIR/out")
@@ -142,7 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     for name in ("work_dir", "model_dir", "bids_database_dir"):
         if name in args:
             cli[name] = Path(getattr(args, name)).absolute()
-    for name in ("reset_database", "skip_bids_validation", "preset", "dry_run", "verbosity"):
+    for name in ("reset_database", "skip_bids_validation", "preset", "dry_run", "report_only", "verbosity"):
         if name in args:
             cli[name] = getattr(args, name)
     selection: dict[str, Any] = {}

@@ -105,9 +105,12 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
         log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
                  _short(record.cord_mask), _short(record.lesion_mask))
     record: dict[str, Any] = {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
-    from bids_app.participant import segment_images
+    from bids_app.participant import segment_images, summarise_existing
 
-    record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device)
+    if settings.report_only:
+        record["segmentation"] = summarise_existing(settings, inputs.images, inputs.disambiguate)
+    else:
+        record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device)
     current = {"settings": settings_to_dict(settings), **record}
     labels = sorted({r.subject for r in inputs.images})
     _build_reports("participant", lambda reports: reports.build_participant_reports(

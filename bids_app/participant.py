@@ -76,13 +76,30 @@ def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambi
         if evaluation is not None:
             evaluations.append(evaluation)
         done.append(record.relpath)
-    summary = None
-    if len(evaluations) > 1:
-        summary = summarise(evaluations)
-        write_summary_tsv(settings.output_dir / SUMMARY_FILE, evaluations)
-        log.info("evaluation summary of %d image(s): %s", len(evaluations), settings.output_dir / SUMMARY_FILE)
     return {"segmented": done, "skipped": skipped, "threshold": calibration.threshold,
-            "threshold_source": calibration.source, "evaluation_summary": summary}
+            "threshold_source": calibration.source, "evaluation_summary": write_summary(settings, evaluations)}
+
+
+def summarise_existing(settings: RunSettings, images: Sequence[ImageRecord],
+                       disambiguate: Mapping[str, bool]) -> dict[str, Any]:
+    """``--report-only``: the summary table from the evaluations already written; no model needed."""
+    evaluations = []
+    for record in images:
+        mask_path = settings.output_dir / output_relpath(record.relpath, "lesion_mask", disambiguate.get(record.relpath, False))
+        evaluations.extend(_existing_evaluation(mask_path, record) if mask_path.is_file() else [])
+    if not evaluations:
+        raise MissingInputError(f"--report-only: no finished outputs of the selected images in {settings.output_dir}")
+    return {"segmented": [], "reported": [e["image"] for e in evaluations],
+            "evaluation_summary": write_summary(settings, evaluations)}
+
+
+def write_summary(settings: RunSettings, evaluations: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Mean and median of every metric over the images, when there is more than one."""
+    if len(evaluations) < 2:
+        return None
+    write_summary_tsv(settings.output_dir / SUMMARY_FILE, list(evaluations))
+    log.info("evaluation summary of %d image(s): %s", len(evaluations), settings.output_dir / SUMMARY_FILE)
+    return summarise(list(evaluations))
 
 
 def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calibration, record: ImageRecord,

@@ -177,6 +177,7 @@ class RunSettings:
     skip_bids_validation: bool = False
     preset: str = "default"
     dry_run: bool = False
+    report_only: bool = False
     verbosity: int = 0
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)

@@ -140,3 +140,15 @@ def test_adapter_scale_zero_and_a_chosen_control_derivative(dataset_copy: Path, 
     assert cli.main(base + ["--config", str(config), "--overwrite"]) == 0
     sidecar = json.loads(outputs(out, "03")["mask"].with_suffix("").with_suffix(".json").read_text())
     assert sidecar["AdapterUsed"] is True and sidecar["AdapterControl"] == str(control.resolve())
+
+
+def test_report_only_rebuilds_the_summary_without_a_model(segmented: Path, simple_dataset: Path, tmp_path: Path) -> None:
+    summary = segmented / "evaluation_summary.tsv"
+    before = summary.read_text()
+    summary.unlink()
+    args = [str(simple_dataset), str(segmented), "participant", "--participant-label", "01", "05", "--report-only",
+            "--model-dir", str(tmp_path / "no-model"), *FAST]
+    assert cli.main(args) == 0
+    assert summary.read_text() == before
+    assert not (tmp_path / "no-model").exists()
+    assert cli.main([str(simple_dataset), str(tmp_path / "empty"), "participant", "--report-only", *FAST]) == 66
