@@ -116,7 +116,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
         **describe_settings(cf, rs),
         "Threshold": calibration.threshold,
         "ThresholdSource": calibration.source,
-        "AnalysisRegion": "dilated spinal-cord mask" if result.region_source == "cord" else "body foreground",
+        "AnalysisRegion": (f"spinal-cord mask dilated by {seg.cord_margin_mm:g} mm" if result.region_source == "cord"
+                           else "body foreground"),
         "ModelCardSHA256": models.card_sha256,
         "AdapterUsed": result.adapter_used,
         "AdapterScale": seg.adapter_scale if result.adapter_used else 0.0,
