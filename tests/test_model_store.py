@@ -14,20 +14,12 @@ from bids_app.errors import BadDataError, MissingInputError
 from bids_app.model_card import compatible, read_model_card
 from bids_app.model_store import load_trained_models
 
-TINY_STEPS = {"training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 2},
-                           "diffusion": {"max_steps": 4, "figure_every": 2}}}
-
+from tests.conftest import TINY_TRAINING
 
 @pytest.fixture(scope="module")
-def trained(simple_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A (barely) trained tiny model: a few steps are enough to test storage and loading."""
-    out = tmp_path_factory.mktemp("trained") / "out"
-    config = out.parent / "steps.json"
-    config.write_text(json.dumps(TINY_STEPS))
-    code = cli.main([str(simple_dataset), str(out), "group", "--preset", "tiny", "--config", str(config),
-                     "--skip-bids-validation"])
-    assert code == 0
-    return out / "models"
+def trained(tiny_model: Path) -> Path:
+    """The shared barely-trained tiny model: enough to test storage and loading."""
+    return tiny_model
 
 
 @pytest.fixture()
@@ -106,7 +98,7 @@ def test_finished_stages_are_skipped_and_retrain_redoes_them(simple_dataset: Pat
     out = tmp_path / "out"
     shutil.copytree(trained.parent, out)
     config = tmp_path / "steps.json"
-    config.write_text(json.dumps(TINY_STEPS))
+    config.write_text(json.dumps(TINY_TRAINING))
     args = [str(simple_dataset), str(out), "group", "--preset", "tiny", "--config", str(config), "--skip-bids-validation"]
     before = (out / "models" / "vqgan" / "weights.pt").read_bytes()
     assert cli.main(args) == 0
