@@ -47,8 +47,9 @@ def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibratio
         data = path.read_bytes() if path.is_file() else b""
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise BadDataError(f"{path}: checksum mismatch with the model card: the calibration is corrupted or was modified")
-        calibration = Calibration.from_dict(json.loads(data)["calibration"])
-        _warn_if_settings_differ(settings, json.loads(data)["identity"])
+        stored = json.loads(data)
+        calibration = Calibration.from_dict(stored["calibration"])
+        _warn_if_settings_differ(settings, stored["identity"])
     if calibration is None:
         raise MissingInputError(
             f"the model in {settings.model_dir} is not calibrated: run the group level with the stage calibrate "

@@ -78,7 +78,7 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
         if is_finished(diff_dir, identity) and not settings.training.retrain:
             log.info("diffusion: already trained (%s); --retrain trains it again", diff_dir)
         else:
-            scale = latent_scale(vqgan, vq_train.__class__(prepared.train, prepared.plan, cache), device)
+            scale = latent_scale(vqgan, TrainingVolumes(prepared.train, prepared.plan, cache), device)
             log.info("diffusion: latent scale factor %.4f (1 / std of the training latents)", scale)
             stage = DiffusionStage(vqgan, unet_cfg, sched_cfg, settings.training.diffusion, diff_train, scale,
                                    device, seed, figures)
