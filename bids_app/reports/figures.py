@@ -154,6 +154,16 @@ def _legend(figure: Any, with_truth: bool, anomaly_image: Any) -> None:
 Frame = tuple[float, np.ndarray, np.ndarray]  # strength, counterfactual slice, residual slice
 
 
+def _sweep_layout(volumes: Volumes, sweep: Sequence[tuple[float, Path, Path]]):
+    """Frames of a sweep and the sagittal geometry both sweep figures lay them out with (None: no frames)."""
+    index, frames = sweep_frames(volumes, sweep)
+    if not frames:
+        return None
+    row_mm, col_mm = vol.pixel_spacing(volumes.zooms, "sagittal")
+    original = vol.sagittal(volumes.background, index)
+    return index, frames, original, row_mm / col_mm, original.shape[1] * col_mm, original.shape[0] * row_mm
+
+
 def sweep_frames(volumes: Volumes, sweep: Sequence[tuple[float, Path, Path]]) -> tuple[int, list[Frame]]:
     """The sagittal slice the sweep shows (the most lesioned one, else mid-cord) and, per strength,
     its counterfactual and residual, on the mosaics' crop."""
@@ -177,13 +187,10 @@ def _residual_max(frames: Sequence[Frame]) -> float:
 
 def sweep_filmstrip(volumes: Volumes, sweep: Sequence[tuple[float, Path, Path]], path: Path) -> Path | None:
     """Original (with lesion contours) | counterfactual and residual at each strength: a still PNG."""
-    index, frames = sweep_frames(volumes, sweep)
-    if not frames:
+    layout = _sweep_layout(volumes, sweep)
+    if layout is None:
         return None
-    row_mm, col_mm = vol.pixel_spacing(volumes.zooms, "sagittal")
-    original = vol.sagittal(volumes.background, index)
-    aspect = row_mm / col_mm
-    width_mm, height_mm = original.shape[1] * col_mm, original.shape[0] * row_mm
+    index, frames, original, aspect, width_mm, height_mm = layout
     columns = len(frames) + 1
     scale = min(11.0 / (width_mm * columns * 1.05), 4.0 / (height_mm * 2.2))
     figure = new_figure(max(width_mm * columns * 1.05 * scale, 6.0), height_mm * 2.2 * scale + 0.5)
@@ -219,13 +226,10 @@ def sweep_animation(volumes: Volumes, sweep: Sequence[tuple[float, Path, Path]],
     sweep well under a second."""
     from PIL import Image
 
-    index, frames = sweep_frames(volumes, sweep)
-    if not frames:
+    layout = _sweep_layout(volumes, sweep)
+    if layout is None:
         return None
-    row_mm, col_mm = vol.pixel_spacing(volumes.zooms, "sagittal")
-    original = vol.sagittal(volumes.background, index)
-    aspect = row_mm / col_mm
-    width_mm, height_mm = original.shape[1] * col_mm, original.shape[0] * row_mm
+    index, frames, original, aspect, width_mm, height_mm = layout
     scale = min(7.5 / (width_mm * 3.15), 5.0 / height_mm)
     figure = new_figure(max(width_mm * 3.15 * scale, 3.0), height_mm * scale + 0.45)
     figure.patch.set_facecolor("black")
