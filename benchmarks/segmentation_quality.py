@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout, read_participants  # noqa: E402
 from bids_app.model_store import load_trained_models  # noqa: E402
-from bids_app.pipelines.counterfactual import CounterfactualSettings, counterfactuals  # noqa: E402
+from bids_app.pipelines.counterfactual import CounterfactualSettings, windowed_counterfactuals  # noqa: E402
 from bids_app.preprocessing.pipeline import preprocess  # noqa: E402
 from bids_app.segmentation.lesions import lesion_mask  # noqa: E402
 from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice  # noqa: E402
@@ -40,22 +40,24 @@ from bids_app.segmentation.residuals import analysis_region, residual_map, smoot
 from bids_app.settings import SelectionSettings  # noqa: E402
 
 
-def scores_for(models, pre, strengths, steps, seed):
-    cf = CounterfactualSettings(strengths=tuple(strengths), steps=steps, seed=seed)
-    counterfactual = residual_map(pre.image, [c.image for c in counterfactuals(
-        models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, cf)])[0]
-    scores = {}
+def scores_for(models, pre, args):
+    """Each method's smoothed score map over the whole covered volume (sliding windows)."""
+    shape = models.plan.target_shape
+
+    def residual(strengths, reference, features=None):
+        cf = CounterfactualSettings(strengths=tuple(strengths), steps=args.steps, seed=args.seed,
+                                    n_samples=args.n_samples, reference=reference)
+        cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
+                                       pre.image, cf, shape, "cpu", features)
+        return smooth(residual_map(pre.image, [c.image for c in cfs], args.polarity)[0], args.median, valid=pre.valid)
+
+    scores = {"counterfactual": residual(args.strength, args.reference)}
     if models.adapter is not None and "cord" in pre.masks:
-        features = models.adapter(torch.from_numpy(pre.masks["cord"].astype(np.float32))[None, None])
-        steered = residual_map(pre.image, [c.image for c in counterfactuals(
-            models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, cf, "cpu", features)])[0]
-        scores["counterfactual+adapter"] = smooth(steered, 3, valid=pre.valid)
-    recon_cf = CounterfactualSettings(strengths=(0.0,), steps=steps, seed=seed)
-    reconstruction = residual_map(pre.image, [c.image for c in counterfactuals(
-        models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image, recon_cf)])[0]
-    return {"counterfactual": smooth(counterfactual, 3, valid=pre.valid), **scores,
-            "reconstruction": smooth(reconstruction, 3, valid=pre.valid),
-            "zscore": pre.image}
+        cord = pre.masks["cord"].astype(np.float32)
+        scores["counterfactual+adapter"] = residual(
+            args.strength, args.reference, lambda w: models.adapter(torch.from_numpy(np.ascontiguousarray(cord[w]))[None, None]))
+    scores["reconstruction"] = residual((0.0,), "image")
+    return scores
 
 
 def main() -> int:
@@ -67,6 +69,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin", type=float, default=0.0, help="cord dilation in mm")
+    parser.add_argument("--n-samples", type=int, default=1)
+    parser.add_argument("--median", type=int, default=3, help="median filter size (voxels)")
+    parser.add_argument("--polarity", default="both", choices=["bright", "dark", "both"])
+    parser.add_argument("--reference", default="reconstruction", choices=["reconstruction", "image"])
     args = parser.parse_args()
     started = time.time()
     models = load_trained_models(args.model_dir)
@@ -83,9 +89,9 @@ def main() -> int:
         masks = {"cord": record.cord_mask} if record.cord_mask else {}
         if record.lesion_mask:
             masks["lesion"] = record.lesion_mask
-        pre = preprocess(record.image, models.plan, masks)
+        pre = preprocess(record.image, models.plan, masks, cover=True)
         region, _ = analysis_region(pre.valid, pre.masks.get("cord"), spacing, args.margin, image=pre.image)
-        scores = scores_for(models, pre, args.strength, args.steps, args.seed)
+        scores = scores_for(models, pre, args)
         mean, std = pre.image[region].mean(), pre.image[region].std() + 1e-6
         scores["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
         prepared[record.relpath] = (record, pre, region, scores)
@@ -110,6 +116,8 @@ def main() -> int:
                            "healthy_with_false_positive": float(np.mean(fp)) if fp else None}
     report = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "model_card": models.card.get("preset"), "strengths": args.strength, "steps": args.steps,
+              "n_samples": args.n_samples, "polarity": args.polarity, "reference": args.reference,
+              "median_size": args.median, "cord_margin_mm": args.margin,
               "n_lesion_images": len(lesioned), "n_healthy_validation_images": len(healthy),
               "seconds": round(time.time() - started, 1), "methods": results, "participants": len(table)}
     args.out.write_text(json.dumps(report, indent=2))

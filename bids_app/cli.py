@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
     _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 20)")
     _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
+    _flag(seg, "--polarity", choices=("auto", "bright", "dark", "both"),
+          help="which residuals are lesion: brighter than the counterfactual, darker, or both (default auto: "
+               "dark on T1w, bright on T2w and other suffixes)")
     _flag(seg, "--threshold", type=float, metavar="T",
           help="residual threshold for the lesion mask instead of the calibrated one")
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
@@ -179,7 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     segmentation: dict[str, Any] = {}
     for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
                       ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite"),
-                      ("adapter_scale", "adapter_scale")):
+                      ("adapter_scale", "adapter_scale"), ("polarity", "polarity")):
         if flag in args:
             segmentation[key] = getattr(args, flag)
     if "no_adapter" in args:

@@ -8,6 +8,10 @@ check only ``stat`` and read the NIfTI again only when a file changed.
 
 Augmentation is for training only. The validation and calibration data come from
 ``TrainingVolumes(..., augment=None)``, so they see exactly what inference sees.
+
+The cache holds each volume covering the whole cord (``preprocess(..., cover=True)``, as
+inference sees it); an item is a window of the plan's shape: at a random position for training
+(so the models learn every level of the cord, not just its middle), centred otherwise.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from bids_app.preprocessing.plan import PreprocessingPlan
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries cover the whole cord
 
 
 @dataclass(frozen=True)
@@ -142,10 +146,12 @@ class TrainingVolumes(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        arrays = self.arrays(index)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
+            arrays = model_window(self.covering(index), self.plan.target_shape, rng)
             arrays = augment_volume(arrays, self.augment, rng)
+        else:
+            arrays = self.arrays(index)
         item: dict[str, Any] = {"name": self.samples[index].name, "index": index}
         for name, array in arrays.items():
             if name == "image":
@@ -155,7 +161,11 @@ class TrainingVolumes(Dataset):
         return item
 
     def arrays(self, index: int) -> dict[str, np.ndarray]:
-        """Un-augmented model-space arrays of one sample, from the cache when it is current."""
+        """Un-augmented model-space arrays of one sample: the centred window of the plan's shape."""
+        return model_window(self.covering(index), self.plan.target_shape, None)
+
+    def covering(self, index: int) -> dict[str, np.ndarray]:
+        """Model-space arrays covering the sample's whole cord, from the cache when it is current."""
         sample = self.samples[index]
         signature, key = self._keys[index]
         if _signature(self._files(sample)) != signature:
@@ -170,7 +180,7 @@ class TrainingVolumes(Dataset):
     def _preprocess(self, sample: Sample) -> dict[str, np.ndarray]:
         from bids_app.preprocessing.pipeline import preprocess
 
-        result = preprocess(sample.image, self.plan, masks=dict(sample.masks))
+        result = preprocess(sample.image, self.plan, masks=dict(sample.masks), cover=True)
         arrays = {"image": result.image.astype(np.float32), "valid": result.valid.astype(bool)}
         for name, mask in result.masks.items():
             arrays[f"mask_{name}"] = mask.astype(np.uint8)
@@ -184,6 +194,19 @@ class TrainingVolumes(Dataset):
     @staticmethod
     def _files(sample: Sample) -> list[Path]:
         return [sample.image, *(sample.masks[k] for k in sorted(sample.masks))]
+
+
+def model_window(arrays: Mapping[str, np.ndarray], shape: Sequence[int],
+                 rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """A ``shape`` window of covering arrays: random (``rng``) or centred (``None``); arrays
+    already of that shape come back unchanged."""
+    full = np.array(arrays["image"].shape)
+    size = np.minimum(np.array([int(n) for n in shape]), full)
+    room = full - size
+    # Centred as CropPad centres (half up), so a centred window equals the plain crop.
+    start = [int(rng.integers(0, r + 1)) if rng is not None else int((r + 1) // 2) for r in room]
+    window = tuple(slice(a, a + c) for a, c in zip(start, size))
+    return {k: np.ascontiguousarray(np.asarray(v)[window]) for k, v in arrays.items()}
 
 
 def augment_volume(

@@ -106,7 +106,7 @@ def write_summary(settings: RunSettings, evaluations: Sequence[Mapping[str, Any]
 def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calibration, record: ImageRecord,
                 disambiguate: bool, device: str) -> dict[str, Any] | None:
     seg = settings.segmentation
-    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
+    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg, record.image)
     result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
                              adapter_for(models, seg), record.control_mask)
     source = result.preprocessed.trace.source
@@ -173,7 +173,7 @@ def _existing_evaluation(mask_path: Path, record: ImageRecord) -> list[dict[str,
 def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageRecord, device: str) -> None:
     """The counterfactual and residual at each strength of the sweep (native grid, ``sweep/``)."""
     seg = settings.segmentation
-    rs = residual_settings(seg)
+    rs = residual_settings(seg, record.image)
     folder = settings.output_dir / "sweep" / Path(record.relpath).parent
     stem = name_parts(Path(record.relpath).name)[0]
     for strength in seg.strength_sweep:
@@ -192,7 +192,8 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageReco
 def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
     seg = settings.segmentation
     now = {"strengths": list(seg.strengths), "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler,
-           "median_size": seg.median_size, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
+           "median_size": seg.median_size, "polarity": seg.polarity,
+           "reference": seg.reference, "window_overlap": seg.window_overlap, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
            "adapter_scale": seg.adapter_scale}
     differing = [k for k, v in now.items() if identity.get(k) != v]
     if differing:

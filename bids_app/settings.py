@@ -119,6 +119,9 @@ class SegmentationSettings:
     eta: float = 0.0
     max_latent_voxels: int | None = None
     median_size: int = 3
+    polarity: str = "auto"  # measured: counting only brighter residuals on T2w triples the oracle Dice
+    reference: str = "reconstruction"
+    window_overlap: float = 0.5
     cord_margin_mm: float = 0.0  # measured: bright CSF next to the cord dominates a dilated region
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
@@ -293,6 +296,12 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"--sampler must be ddim or ddpm, got {seg.sampler!r}")
     if seg.n_samples < 1 or seg.steps < 1:
         raise UsageError("--n-samples and --steps must be at least 1")
+    if seg.polarity not in ("auto", "bright", "dark", "both"):
+        raise UsageError(f"--polarity must be auto, bright, dark or both, got {seg.polarity!r}")
+    if seg.reference not in ("reconstruction", "image"):
+        raise UsageError(f"segmentation.reference must be reconstruction or image, got {seg.reference!r}")
+    if not 0 <= seg.window_overlap < 1:
+        raise UsageError(f"segmentation.window_overlap must be in [0, 1), got {seg.window_overlap}")
     if not 0.5 < seg.calibration_quantile < 1:
         raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
     if not settings.selection.contrasts:

@@ -237,3 +237,11 @@ def test_bad_healthy_filter_is_usage_error(simple_dataset: Path, tmp_path: Path)
 def test_unreadable_label_file_is_usage_error(simple_dataset: Path, tmp_path: Path) -> None:
     code = run_cli(simple_dataset, tmp_path / "out", "participant", "--participant-label", f"@{tmp_path / 'none.txt'}", *FAST)
     assert code == ExitCode.USAGE
+
+
+def test_segmentation_flags_reach_the_settings() -> None:
+    args = cli.parse_args(["b", "o", "participant", "--polarity", "dark", "--strength", "0.4", "0.6",
+                           "--n-samples", "3", "--no-adapter"])
+    seg = cli.settings_from_args(args).segmentation
+    assert seg.polarity == "dark" and seg.strengths == (0.4, 0.6) and seg.n_samples == 3 and not seg.use_adapter
+    assert cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation.polarity == "auto"

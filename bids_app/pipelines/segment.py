@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from bids_app.pipelines.counterfactual import Counterfactual, CounterfactualSettings, counterfactuals
+from bids_app.pipelines.counterfactual import Counterfactual, CounterfactualSettings, windowed_counterfactuals
 from bids_app.preprocessing.pipeline import Preprocessed, preprocess
 from bids_app.segmentation.residuals import ResidualSettings, analysis_region, residual_map, restrict, smooth
 
@@ -50,16 +50,23 @@ def native_residual(
     adapter: Any = None,
     control_mask: Path | None = None,
 ) -> NativeResidual:
-    """Preprocess, synthesise the counterfactual(s), and map the residual back to the native grid."""
+    """Preprocess the whole cord, synthesise the counterfactual(s) window by window, and map the
+    residual back to the native grid."""
     started = time.monotonic()
     masks = {"cord": cord_mask} if cord_mask is not None else {}
     if control_mask is not None and adapter is not None:
         masks["control"] = control_mask
-    pre = preprocess(image, models.plan, masks=masks)
-    features = adapter(pre) if adapter is not None else None
-    cfs = counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
-                          pre.image, cf_settings, device, features)
-    residual, spread = residual_map(pre.image, [c.image for c in cfs])
+    pre = preprocess(image, models.plan, masks=masks, cover=True)
+    used: list[bool] = []
+
+    def features_for(window: tuple[slice, ...]) -> list | None:
+        features = adapter(pre, window) if adapter is not None else None
+        used.append(features is not None)
+        return features
+
+    cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
+                                   pre.image, cf_settings, models.plan.target_shape, device, features_for)
+    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity)
     residual = smooth(residual, residual_settings.median_size, valid=pre.valid)
     region, source = analysis_region(pre.valid, pre.masks.get("cord"), models.plan.target_spacing,
                                      residual_settings.cord_margin_mm, image=pre.image,
@@ -73,21 +80,22 @@ def native_residual(
     uncertainty = np.where(native_region, np.clip(trace.inverse(spread, "probability"), 0, None), 0.0)
     zooms = tuple(float(z) for z in trace.source.zooms[:3])
     return NativeResidual(pre, tuple(cfs), native.astype(np.float32), native_region, uncertainty.astype(np.float32),
-                          source, time.monotonic() - started, zooms, features is not None)
+                          source, time.monotonic() - started, zooms, bool(used) and all(used))
 
 
-def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed], list | None] | None:
-    """Adapter features from an image's control derivative (computed once, reused at every step), or
-    None when the model has no adapter, it is switched off, or the image has no control derivative."""
+def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed, tuple[slice, ...]], list | None] | None:
+    """Adapter features from a window of an image's control derivative (computed once per window,
+    reused at every step), or None when the model has no adapter, it is switched off, or the image
+    has no control derivative."""
     if getattr(models, "adapter", None) is None or not seg.use_adapter or seg.adapter_scale == 0:
         return None
     device = next(models.unet.parameters()).device
 
-    def features(pre: Preprocessed) -> list | None:
+    def features(pre: Preprocessed, window: tuple[slice, ...]) -> list | None:
         mask = pre.masks.get("control")
         if mask is None or not mask.any():
             return None
-        control = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
+        control = torch.from_numpy(np.ascontiguousarray(mask[window], dtype=np.float32))[None, None].to(device)
         with torch.no_grad():
             return models.adapter(control, seg.adapter_scale)
 
@@ -104,12 +112,28 @@ def counterfactual_settings(seg: Any, seed: int, strengths: tuple[float, ...] | 
     """The pipeline settings from the run's ``segmentation`` settings."""
     return CounterfactualSettings(strengths=tuple(strengths or seg.strengths), n_samples=seg.n_samples,
                                   steps=seg.steps, sampler=seg.sampler, eta=seg.eta,
-                                  max_latent_voxels=seg.max_latent_voxels, seed=seed)
+                                  max_latent_voxels=seg.max_latent_voxels, seed=seed, reference=seg.reference,
+                                  window_overlap=seg.window_overlap)
 
 
-def residual_settings(seg: Any) -> ResidualSettings:
+#: Suffixes on which lesions are darker than healthy tissue (T1 "black holes"); on T2w, T2*w,
+#: PD and FLAIR they are brighter.
+DARK_LESION_SUFFIXES = frozenset({"T1w", "UNIT1", "MP2RAGE", "inplaneT1"})
+
+
+def resolve_polarity(polarity: str, image: Path | str) -> str:
+    """``auto``: ``dark`` for T1-weighted suffixes, else ``bright``; other values pass through."""
+    if polarity != "auto":
+        return polarity
+    name = Path(image).name.split(".")[0]
+    return "dark" if name.rsplit("_", 1)[-1] in DARK_LESION_SUFFIXES else "bright"
+
+
+def residual_settings(seg: Any, image: Path | str) -> ResidualSettings:
+    """The post-processing settings for one image (``polarity: auto`` resolved by its suffix)."""
     return ResidualSettings(median_size=seg.median_size, cord_margin_mm=seg.cord_margin_mm,
-                            min_lesion_mm3=seg.min_lesion_mm3, majority_smoothing=seg.majority_smoothing)
+                            min_lesion_mm3=seg.min_lesion_mm3, majority_smoothing=seg.majority_smoothing,
+                            polarity=resolve_polarity(seg.polarity, image))
 
 
 def describe_settings(cf: CounterfactualSettings, residual: ResidualSettings) -> Mapping[str, Any]:
@@ -117,4 +141,5 @@ def describe_settings(cf: CounterfactualSettings, residual: ResidualSettings) ->
         "Strengths": list(cf.strengths), "Samples": cf.n_samples, "Steps": cf.steps, "Sampler": cf.sampler,
         "Eta": cf.eta, "Seed": cf.seed, "MedianFilterSize": residual.median_size,
         "CordMarginMM": residual.cord_margin_mm, "MinLesionVolumeMM3": residual.min_lesion_mm3,
+        "ResidualPolarity": residual.polarity, "ResidualReference": cf.reference, "WindowOverlap": cf.window_overlap,
     }

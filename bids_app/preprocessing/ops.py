@@ -316,17 +316,23 @@ class CropPad:
 
     Padding takes ``pad_value`` (the normalised background) in the image, 0 in masks and False in
     ``valid``. The record flags ``cord_cut`` when the mask's bbox is larger than the target.
+    With ``cover`` the window grows, along any axis where it would cut the mask's bbox (the whole
+    image without a mask), to cover it: inference then slides model-sized windows over all of it.
     """
 
     target_shape: tuple[int, int, int]
     centre_mask: str | None = "cord"
     pad_value: float = BACKGROUND
+    cover: bool = False
     name: ClassVar[str] = "crop_pad"
 
     def forward(self, vol: Volume) -> tuple[Volume, OpRecord]:
         shape = vol.image.shape
-        target = tuple(int(t) for t in self.target_shape)
         bbox = bounding_box(vol.masks.get(self.centre_mask) if self.centre_mask else None)
+        target = tuple(int(t) for t in self.target_shape)
+        if self.cover:
+            extent = np.asarray(shape) if bbox is None else bbox[1] - bbox[0] + 1
+            target = tuple(max(t, int(e)) for t, e in zip(target, extent))
         centre = (np.asarray(shape) - 1) / 2.0 if bbox is None else (bbox[0] + bbox[1]) / 2.0
         start = tuple(window_start(n, t, float(c)) for n, t, c in zip(shape, target, centre))
         cut_axes = [] if bbox is None else [int(a) for a in np.nonzero(bbox[1] - bbox[0] + 1 > np.asarray(target))[0]]

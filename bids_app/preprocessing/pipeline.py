@@ -135,13 +135,13 @@ def _load_mask(path: Path, name: str, image_path: Path, shape: tuple[int, int, i
 # --------------------------------------------------------------------------------------------
 
 
-def build_ops(plan: PreprocessingPlan, centre_mask: str | None = CORD) -> list[Op]:
-    """The forward ops of a plan, in the order they run."""
+def build_ops(plan: PreprocessingPlan, centre_mask: str | None = CORD, cover: bool = False) -> list[Op]:
+    """The forward ops of a plan, in the order they run (``cover``: see :class:`CropPad`)."""
     return [
         Reorient(),
         Resample(tuple(plan.target_spacing), plan.image_order, plan.mask_interpolation),  # type: ignore[arg-type]
         Normalize(tuple(plan.percentiles)),  # type: ignore[arg-type]
-        CropPad(tuple(plan.target_shape), centre_mask=centre_mask),  # type: ignore[arg-type]
+        CropPad(tuple(plan.target_shape), centre_mask=centre_mask, cover=cover),  # type: ignore[arg-type]
     ]
 
 
@@ -161,11 +161,13 @@ def _report(trace: Trace, path: Path) -> None:
 
 
 def preprocess(image_path: Path, plan: PreprocessingPlan,
-               masks: Mapping[str, Path] | None = None) -> Preprocessed:
+               masks: Mapping[str, Path] | None = None, cover: bool = False) -> Preprocessed:
     """Bring a native image (and masks on its grid) into model space, recording a trace.
 
     The ``"cord"`` mask, when given and not empty, centres the crop window; otherwise the
-    window is centred on the image (with a warning for an empty cord mask).
+    window is centred on the image (with a warning for an empty cord mask). With ``cover`` the
+    window is at least the plan's shape and covers the whole cord (or image): the volume is then
+    processed in model-sized windows (:mod:`bids_app.pipelines.windows`), none of it lost.
     """
     image_path = Path(image_path)
     img = _read(image_path)
@@ -184,7 +186,7 @@ def preprocess(image_path: Path, plan: PreprocessingPlan,
         centre_mask = None
 
     vol = Volume.from_arrays(data, affine, mask_arrays)
-    for op in build_ops(plan, centre_mask):
+    for op in build_ops(plan, centre_mask, cover):
         vol, record = op.forward(vol)
         trace.push(record)
     crop = trace.records[-1].params

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: above air/noise but below every tissue of a T2w/T1w cord image.
 DEFAULT_FOREGROUND_THRESHOLD = -0.8
 
+POLARITIES = ("bright", "dark", "both")
+
 _foreground_warned = False  # the fallback is announced once per process, then logged at INFO
 
 
@@ -49,6 +51,7 @@ class ResidualSettings:
     ``min_lesion_mm3``: connected lesions smaller than this are removed.
     ``majority_smoothing``: one pass of 6-neighbour majority smoothing of the binary mask (see
     :func:`bids_app.segmentation.lesions.majority_smooth`).
+    ``polarity``: which residuals count (:func:`signed_residual`).
     """
 
     median_size: int = 3
@@ -56,8 +59,11 @@ class ResidualSettings:
     foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
+    polarity: str = "both"
 
     def __post_init__(self) -> None:
+        if self.polarity not in POLARITIES:
+            raise UsageError(f"polarity must be one of {', '.join(POLARITIES)}, got {self.polarity!r}")
         if isinstance(self.median_size, bool) or int(self.median_size) != self.median_size:
             raise UsageError(f"median_size must be an integer, got {self.median_size!r}")
         if self.median_size < 1:
@@ -85,8 +91,22 @@ class ResidualSettings:
         return cls(**dict(data))
 
 
-def residual_map(image: np.ndarray, counterfactuals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and spread of ``|image - x_hat_k|`` over an ensemble of counterfactuals.
+def signed_residual(image: np.ndarray, counterfactual: np.ndarray, polarity: str) -> np.ndarray:
+    """What the counterfactual removed: brighter than it (``bright``: T2-hyperintense lesions),
+    darker (``dark``: T1 hypointensities), or either (``both``: ``|x - x_hat|``); never negative."""
+    difference = image - counterfactual
+    if polarity == "bright":
+        return np.maximum(difference, 0.0)
+    if polarity == "dark":
+        return np.maximum(-difference, 0.0)
+    if polarity == "both":
+        return np.abs(difference)
+    raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
+
+
+def residual_map(image: np.ndarray, counterfactuals: Sequence[np.ndarray],
+                 polarity: str = "both") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread of the residual (:func:`signed_residual`) over an ensemble of counterfactuals.
 
     Averaging over strengths/seeds suppresses residuals that one sample alone reconstructs
     badly; the per-voxel standard deviation (population, ddof=0) across samples tells where
@@ -104,7 +124,7 @@ def residual_map(image: np.ndarray, counterfactuals: Sequence[np.ndarray]) -> tu
             raise ValueError(f"counterfactual {k} has shape {cf.shape}, image has {image.shape}")
         if not np.all(np.isfinite(cf)):
             raise ValueError(f"counterfactual {k} has non-finite values")
-        r = np.abs(x - cf.astype(np.float64))
+        r = signed_residual(x, cf.astype(np.float64), polarity)
         total += r
         total_sq += r * r
     n = len(counterfactuals)

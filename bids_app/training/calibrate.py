@@ -29,7 +29,8 @@ def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[st
     return {
         "models_sha256": upstream_sha256, "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale,
         "strengths": list(seg.strengths), "n_samples": seg.n_samples,
-        "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size,
+        "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size, "polarity": seg.polarity,
+        "reference": seg.reference, "window_overlap": seg.window_overlap,
         "cord_margin_mm": seg.cord_margin_mm, "quantile": seg.calibration_quantile, "seed": settings.compute.seed,
     }
 
@@ -37,9 +38,10 @@ def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[st
 def run_calibration(settings: RunSettings, models: TrainedModels, samples: Sequence[Sample], device: str) -> Calibration:
     """Threshold from the residuals of healthy images the models never saw."""
     seg = settings.segmentation
-    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg)
+    cf = counterfactual_settings(seg, settings.compute.seed)
     residuals, regions = [], []
     for sample in samples:
+        rs = residual_settings(seg, sample.image)
         result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
                                  adapter_for(models, seg), sample.masks.get("control"))
         residuals.append(result.residual)

@@ -267,6 +267,27 @@ def test_crop_pad_flags_a_cord_larger_than_the_window() -> None:
     assert record.params["cord_cut"] is True
 
 
+def test_crop_pad_cover_keeps_the_whole_cord_and_inverts_exactly() -> None:
+    shape = (30, 30, 60)
+    image = smooth_image(shape)
+    cord = np.zeros(shape, np.uint8)
+    cord[12:18, 10:15, 3:57] = 1  # a cord far longer than the 16-voxel window along S
+    plain, _ = CropPad((16, 16, 16)).forward(Volume.from_arrays(image, ras_affine(), {"cord": cord}))
+    out, record = CropPad((16, 16, 16), cover=True).forward(Volume.from_arrays(image, ras_affine(), {"cord": cord}))
+    assert plain.masks["cord"].sum() < cord.sum()
+    assert out.image.shape == (16, 16, 54) and out.masks["cord"].sum() == cord.sum()
+    assert not record.params["cord_cut"]
+    back = CropPad.inverse(out.image, record.params, "image")
+    window = tuple(slice(s, s + t) for s, t in zip(record.params["start"], out.image.shape))
+    assert np.array_equal(back[window], image[window])
+
+
+def test_crop_pad_cover_without_mask_covers_the_image() -> None:
+    image = smooth_image((20, 10, 40))
+    out, record = CropPad((16, 16, 16), centre_mask=None, cover=True).forward(Volume.from_arrays(image, np.eye(4), {}))
+    assert out.image.shape == (20, 16, 40) and out.valid.sum() == image.size
+
+
 # ---------------------------------------------------------------- trace
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.segmentation import residuals as R
-from bids_app.segmentation.residuals import (ResidualSettings, analysis_region, dilate_mm, residual_map,
+from bids_app.segmentation.residuals import (ResidualSettings, analysis_region, dilate_mm, residual_map, signed_residual,
                                              restrict, smooth)
 
 
@@ -145,3 +145,20 @@ def test_settings_round_trip_and_validation() -> None:
         ResidualSettings(median_size=0)
     with pytest.raises(UsageError):
         ResidualSettings(cord_margin_mm=-1.0)
+
+
+@pytest.mark.parametrize("polarity,expected", [("bright", [0.5, 0.0, 0.0]), ("dark", [0.0, 0.25, 0.0]),
+                                               ("both", [0.5, 0.25, 0.0])])
+def test_polarity_keeps_only_the_requested_sign(polarity: str, expected: list[float]) -> None:
+    image = np.array([1.0, 0.0, 0.3])
+    counterfactual = np.array([0.5, 0.25, 0.3])
+    np.testing.assert_allclose(signed_residual(image, counterfactual, polarity), expected)
+    mean, _ = residual_map(image, [counterfactual], polarity)
+    np.testing.assert_allclose(mean, expected)
+
+
+def test_unknown_polarity_is_refused() -> None:
+    with pytest.raises(ValueError):
+        signed_residual(np.zeros(2), np.zeros(2), "up")
+    with pytest.raises(UsageError):
+        ResidualSettings(polarity="up")
