@@ -20,7 +20,7 @@ All hooks default to no-ops. Example for DDP (what ``bids_app.training.vqgan`` i
     quantizer.reduce_statistics = all_reduce
     quantizer.gather_rows = gather_in_rank_order
 
-(and construct DDP with ``broadcast_buffers=False`` so rank 0's EMA buffers do not overwrite the others').
+(and construct DDP with ``forward_sync_buffers=False`` so rank 0's EMA buffers do not overwrite the others').
 
 The nearest-code search runs in chunks of ``search_chunk_voxels`` latent vectors so its memory is
 ``chunk x n_codes`` distances, never ``voxels x n_codes``.

@@ -112,8 +112,10 @@ class Distributed:
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` in DistributedDataParallel when distributed, else itself.
 
-        ``broadcast_buffers=False``: buffers that change in training (the VQ-GAN codebook) are kept
-        identical by the stage itself (all-reduced statistics), not overwritten by rank 0's each forward.
+        ``forward_sync_buffers=False``: buffers that change in training (the VQ-GAN codebook) are kept
+        identical by the stage itself (all-reduced statistics), not overwritten by rank 0's at each
+        forward; they are still copied from rank 0 once, at construction, which changes nothing as
+        every rank builds the same module from the same seed (or checkpoint).
         """
         if not self.enabled:
             return module
@@ -121,7 +123,7 @@ class Distributed:
 
         device = next(module.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
 
     def _tensor_device(self, device: str) -> torch.device:
         return torch.device(device) if self.backend == "nccl" else torch.device("cpu")
