@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
-from bids_app.bids.derivatives import unique_output_names
+from bids_app.bids.derivatives import exclusive_lock, unique_output_names
 from bids_app.bids.images import inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BidsValidationError
@@ -23,6 +23,8 @@ from bids_app.training.distributed import describe as describe_distributed
 from bids_app.training.group import train_models
 
 log = logging.getLogger(__name__)
+
+GROUP_REPORT_LOCK = ".group_report.lock"
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
     labels = sorted({r.subject for r in inputs.images})
     _build_reports("participant", lambda reports: reports.build_participant_reports(
         settings.output_dir, labels, run_record=current))
-    _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
-                   and reports.build_group_report(settings.output_dir))
+    with exclusive_lock(settings.output_dir / "logs" / GROUP_REPORT_LOCK):  # concurrent jobs: see exclusive_lock
+        _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
+                       and reports.build_group_report(settings.output_dir))
     return record
 
 
