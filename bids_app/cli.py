@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--config", metavar="FILE", type=Path, help="YAML or JSON file overriding any setting")
     _flag(run, "--preset", choices=PRESETS, help="model and data scale (tiny: CPU-sized, for tests and the demo)")
     _flag(run, "--device", metavar="{auto,cpu,cuda,cuda:N}", help="compute device (default: auto)")
-    _flag(run, "--nprocs", "--n-cpus", type=int, metavar="N", help="maximum number of processes/threads")
-    _flag(run, "--omp-nthreads", type=int, metavar="N", help="threads per process (torch intra-op)")
+    _flag(run, "--nprocs", "--n-cpus", type=int, metavar="N",
+          help="CPUs this job may use in all (under torchrun: shared by the processes of a node)")
+    _flag(run, "--omp-nthreads", type=int, metavar="N",
+          help="threads per process (torch intra-op; default: --nprocs / processes per node)")
     _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
     _flag(run, "--stages", nargs="+", metavar="STAGE",
           help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion, "
@@ -294,32 +296,47 @@ def _main(argv: Sequence[str] | None) -> int:
 
             print(dry_run_listing(settings))
             return ExitCode.OK
-        logs = prepare_output(settings)
+        from bids_app.training import distributed  # torch is imported only once a level runs
+
+        context = distributed.from_environment()
+        if context.enabled and settings.analysis_level != "group":
+            raise UsageError("torchrun is for the group level: run the participant level as one process per "
+                             "participant (e.g. a job array, scripts/slurm/participant_array.sbatch)")
+        if not context.is_main:
+            runlog.setup_console_logging(getattr(args, "verbosity", 0), context.rank)
+        logs = prepare_output(settings) if context.is_main else settings.output_dir / "logs"
     except CountersegError as exc:
         return _report(exc)
     except Exception as exc:  # noqa: BLE001 - nothing is written yet, so no crash log
         log.error("counterseg failed unexpectedly before starting: %s: %s", type(exc).__name__, exc)
         return ExitCode.UNEXPECTED
-    return _run_level(settings, logs)
+    return _run_level(settings, logs, context)
 
 
-def _run_level(settings: RunSettings, logs: Path) -> int:
+def _run_level(settings: RunSettings, logs: Path, context: Any = None) -> int:
+    """Run the level; under torchrun only rank 0 writes logs, the run record and the dataset files
+    (another rank writes a crash log only when it crashes)."""
     from bids_app import levels, runlog
     from bids_app.compute import configure_threads, resolve_device
+    from bids_app.training import distributed
 
-    name = runlog.run_id(settings.analysis_level)
-    file_handler = runlog.add_file_logging(logs, name)
-    log_file = file_handler.baseFilename
+    context = context or distributed.SINGLE
+    name = runlog.run_id(settings.analysis_level) + ("" if context.is_main else f"_rank{context.rank}")
+    file_handler = runlog.add_file_logging(logs, name) if context.is_main else None
     started = time.time()
     record: dict[str, Any] = {"version": __version__, "settings": settings_to_dict(settings)}
     code: int = ExitCode.OK
     try:
-        log.info("counterseg %s, %s level; log: %s", __version__, settings.analysis_level, log_file)
-        device = resolve_device(settings.compute.device)
-        threads = configure_threads(settings.compute.omp_nthreads, settings.compute.nprocs)
+        if file_handler is not None:
+            log.info("counterseg %s, %s level; log: %s", __version__, settings.analysis_level, file_handler.baseFilename)
+        device = distributed.distributed_device(context, resolve_device(settings.compute.device))
+        context = distributed.start(context, device)
+        threads = configure_threads(settings.compute.omp_nthreads, settings.compute.nprocs, context.local_world_size)
         log.info("device: %s, threads: %d, seed: %d", device, threads, settings.compute.seed)
-        runner = levels.run_group if settings.analysis_level == "group" else levels.run_participant
-        record.update(runner(settings, device))
+        if settings.analysis_level == "group":
+            record.update(levels.run_group(settings, device, context))
+        else:
+            record.update(levels.run_participant(settings, device))
         log.info("%s level finished in %.1f s", settings.analysis_level, time.time() - started)
     except CountersegError as exc:
         code = _report(exc)
@@ -332,11 +349,14 @@ def _run_level(settings: RunSettings, logs: Path) -> int:
     finally:
         record.update(exit_code=int(code), seconds=round(time.time() - started, 3))
         try:
-            finalise_output(settings)
-            runlog.write_run_record(logs, name, record)
+            if context.is_main:
+                finalise_output(settings)
+                runlog.write_run_record(logs, name, record)
         except CountersegError as exc:
             code = code or _report(exc)
-        runlog.remove_handler(file_handler)
+        if file_handler is not None:
+            runlog.remove_handler(file_handler)
+        distributed.stop(context)
     return int(code)
 
 

@@ -34,12 +34,15 @@ def resolve_device(spec: str) -> str:
     return f"cuda:{index}"
 
 
-def configure_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
-    """Cap intra-op threads (``--omp-nthreads``, else ``--nprocs``, else the CPUs this process may use)."""
+def configure_threads(omp_nthreads: int | None, nprocs: int | None, processes_per_node: int = 1) -> int:
+    """Cap intra-op threads: ``--omp-nthreads`` per process, else this node's CPU budget (``--nprocs``,
+    else the CPUs this process may use) shared by the processes torchrun started on the node, so N
+    ranks on one node never oversubscribe it."""
     import torch
 
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = omp_nthreads or nprocs or allowed
+    threads = omp_nthreads or max(1, (nprocs or allowed) // max(1, processes_per_node))
     torch.set_num_threads(threads)
-    log.debug("torch intra-op threads: %d (CPUs available: %d)", threads, allowed)
+    log.debug("torch intra-op threads: %d (CPUs available: %d, processes on this node: %d)",
+              threads, allowed, processes_per_node)
     return threads

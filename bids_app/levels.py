@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
-from bids_app.bids.derivatives import unique_output_names
+from bids_app.bids.derivatives import exclusive_lock, unique_output_names
 from bids_app.bids.images import inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
+from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.training.distributed import describe as describe_distributed
 from bids_app.training.group import train_models
 
 log = logging.getLogger(__name__)
+
+GROUP_REPORT_LOCK = ".group_report.lock"
 
 
 @dataclass(frozen=True)
@@ -34,18 +38,23 @@ class Inputs:
     disambiguate: Mapping[str, bool] = field(default_factory=dict)
 
 
-def discover_inputs(settings: RunSettings) -> Inputs:
-    """Validate and index ``bids_dir``, then select images (and training participants for ``group``)."""
+def discover_inputs(settings: RunSettings, dist: Distributed = SINGLE) -> Inputs:
+    """Validate and index ``bids_dir``, then select images (and training participants for ``group``).
+
+    Distributed: rank 0 validates (a failure ends the job; torchrun stops the other ranks) and owns the
+    pybids database; the other ranks index in memory, so no two processes write the database.
+    """
     bids_dir = settings.bids_dir
     selection = settings.selection
     if not bids_layout.is_bids_dataset(bids_dir):
         return _discover_plain_folder(settings)
     if settings.skip_bids_validation:
         log.warning("BIDS validation skipped (--skip-bids-validation)")
-    else:
+    elif dist.is_main:
         log.info("validating %s with bids-validator-deno", bids_dir)
         validate_bids_dataset(bids_dir)
-    layout = bids_layout.load_layout(bids_dir, settings.bids_database_dir, settings.reset_database)
+    database = settings.bids_database_dir if dist.is_main else None
+    layout = bids_layout.load_layout(bids_dir, database, settings.reset_database)
     roots = bids_layout.find_derivative_datasets(
         bids_dir, selection.derivatives, exclude=[settings.output_dir]
     )
@@ -59,9 +68,10 @@ def discover_inputs(settings: RunSettings) -> Inputs:
     return Inputs(tuple(images), roots, True, training, disambiguate)
 
 
-def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
-    """Group level: select and check the healthy training images. Returns the run record."""
-    inputs = discover_inputs(settings)
+def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) -> dict[str, Any]:
+    """Group level: select and check the healthy training images, train. Returns the run record
+    (rank 0's is the one written; the other ranks only train)."""
+    inputs = discover_inputs(settings, dist)
     assert inputs.training is not None
     training = inputs.training
     for subject, reason in training.excluded.items():
@@ -72,9 +82,10 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
         len(training.participants),
         ", ".join(f"sub-{s}" for s in training.participants),
     )
-    _check_readable(training.images)
-    prepared = prepare_training_data(settings, training)
-    models = train_models(settings, prepared, device)
+    if dist.is_main:
+        _check_readable(training.images)
+    prepared = prepare_training_data(settings, training, dist)
+    models = train_models(settings, prepared, device, dist)
     record = {
         "inputs": _describe_inputs(inputs, settings.bids_dir),
         "preprocessing": describe_preparation(prepared),
@@ -85,7 +96,10 @@ def run_group(settings: RunSettings, device: str) -> dict[str, Any]:
             "excluded": {f"sub-{s}": why for s, why in training.excluded.items()},
         },
         "device": device,
+        "distributed": describe_distributed(dist),
     }
+    if not dist.is_main:
+        return record
     current = {"settings": settings_to_dict(settings), **record}
     _build_reports("group", lambda reports: reports.build_group_report(settings.output_dir, run_record=current))
     return record
@@ -115,8 +129,9 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
     labels = sorted({r.subject for r in inputs.images})
     _build_reports("participant", lambda reports: reports.build_participant_reports(
         settings.output_dir, labels, run_record=current))
-    _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
-                   and reports.build_group_report(settings.output_dir))
+    with exclusive_lock(settings.output_dir / "logs" / GROUP_REPORT_LOCK):  # concurrent jobs: see exclusive_lock
+        _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
+                       and reports.build_group_report(settings.output_dir))
     return record
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bids_app.bids.derivatives import atomic_write_json, output_relpath, write_derivative
+from bids_app.bids.derivatives import atomic_write_json, exclusive_lock, output_relpath, write_derivative
 from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, MissingInputError
 from bids_app.model_store import TrainedModels, load_trained_models
@@ -34,6 +34,7 @@ from bids_app.settings import RunSettings
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "evaluation_summary.tsv"
+SUMMARY_LOCK = ".evaluation_summary.lock"
 
 
 def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibration:
@@ -95,12 +96,23 @@ def summarise_existing(settings: RunSettings, images: Sequence[ImageRecord],
 
 
 def write_summary(settings: RunSettings, evaluations: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Mean and median of every metric over the images, when there is more than one."""
-    if len(evaluations) < 2:
-        return None
-    write_summary_tsv(settings.output_dir / SUMMARY_FILE, list(evaluations))
-    log.info("evaluation summary of %d image(s): %s", len(evaluations), settings.output_dir / SUMMARY_FILE)
-    return summarise(list(evaluations))
+    """Mean and median of every metric over every evaluated image of the output dataset (this run's
+    ``evaluations`` and those earlier or concurrent jobs wrote), when there is more than one.
+
+    Read and written under a lock, so that concurrent participant jobs (a job array into one
+    ``output_dir``) leave one table that covers all of them rather than whichever job ended last.
+    """
+    from bids_app.reports.outputs import evaluations as evaluations_on_disk
+
+    with exclusive_lock(settings.output_dir / "logs" / SUMMARY_LOCK):
+        rows = {row["image"]: row for row in evaluations_on_disk(settings.output_dir)}
+        rows.update({row["image"]: dict(row) for row in evaluations})
+        table = [rows[image] for image in sorted(rows)]
+        if len(table) < 2:
+            return None
+        write_summary_tsv(settings.output_dir / SUMMARY_FILE, table)
+    log.info("evaluation summary of %d image(s): %s", len(table), settings.output_dir / SUMMARY_FILE)
+    return summarise(table)
 
 
 def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calibration, record: ImageRecord,

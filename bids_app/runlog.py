@@ -1,13 +1,17 @@
 """Logs of a run under ``<output_dir>/logs/``: console and file logging, run records, crash logs.
 
-Every file name carries the level, a timestamp and the process id, so concurrent HPC jobs writing
-into one ``output_dir`` never write the same log file.
+Every file name carries the level, a timestamp, the host, the process id and a random tag, so
+concurrent HPC jobs writing into one ``output_dir`` never write the same log file: not even jobs on
+different nodes, or in containers, where process ids repeat (every Docker container starts at pid 1).
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
+import re
+import secrets
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -24,20 +28,27 @@ def timestamp() -> str:
 
 
 def run_id(level: str) -> str:
-    """A name unique per process: level, time and pid."""
-    return f"{level}_{timestamp()}_{os.getpid()}"
+    """A name unique per process, across hosts: level, time, host, pid and a random tag."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
+    return f"{level}_{timestamp()}_{host}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
-def setup_console_logging(verbosity: int) -> logging.Logger:
-    """INFO by default (progress a user can watch), DEBUG with ``-v``; library loggers stay quiet."""
+def setup_console_logging(verbosity: int, rank: int = 0) -> logging.Logger:
+    """INFO by default (progress a user can watch), DEBUG with ``-v``; library loggers stay quiet.
+
+    Under torchrun, ranks other than 0 print warnings and errors only, tagged with their rank: the
+    progress is rank 0's to report.
+    """
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.DEBUG)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
-    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    console.setLevel(level if rank == 0 else logging.WARNING)
+    fmt = _FORMAT if rank == 0 else _FORMAT.replace("[counterseg]", f"[counterseg rank {rank}]")
+    console.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     logger.addHandler(console)
     return logger
 

@@ -75,11 +75,18 @@ class PreprocessingSettings:
 
 @dataclass(frozen=True)
 class StageSettings:
-    """Budget and optimiser of one training stage."""
+    """Budget and optimiser of one training stage.
+
+    ``batch_size`` is the effective (global) batch of one optimiser step, whatever the number of
+    processes: under torchrun each of N processes takes ``batch_size / (N * accumulation_steps)``
+    volumes per micro-step. ``learning_rate`` is used as given: nothing scales it with the batch or
+    the number of processes (both are logged at the start of each stage).
+    """
 
     max_steps: int = 2000
     max_time_s: float | None = None
     batch_size: int = 2
+    accumulation_steps: int = 1
     learning_rate: float = 2e-4
     checkpoint_every: int = 100
     log_every: int = 20
@@ -286,6 +293,11 @@ def _check(settings: RunSettings) -> None:
             raise UsageError(f"preprocessing.{name} needs {expected} values, got {list(value)}")
     if not 0 <= prep.validation_fraction < 1:
         raise UsageError(f"preprocessing.validation_fraction must be in [0, 1), got {prep.validation_fraction}")
+    for stage in ("vqgan", "diffusion", "adapter"):
+        config = getattr(settings.training, stage)
+        if config.batch_size < 1 or config.accumulation_steps < 1 or config.batch_size % config.accumulation_steps:
+            raise UsageError(f"training.{stage}: batch_size ({config.batch_size}) must be a positive multiple of "
+                             f"accumulation_steps ({config.accumulation_steps})")
     unknown = sorted(set(settings.training.stages) - set(TRAINING_STAGES))
     if unknown:
         raise UsageError(f"unknown training stage {unknown[0]!r}; choose from {', '.join(TRAINING_STAGES)}")

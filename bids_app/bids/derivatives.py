@@ -27,6 +27,7 @@ key is declared in ``DatasetLinks`` of ``dataset_description.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -34,7 +35,7 @@ import os
 import re
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -359,6 +360,34 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if needed, never removed) for a read-then-write of a
+    file that summarises what several concurrent jobs wrote (the summary table, the group report).
+
+    Atomic writes alone make such a file whole but let a job that read the outputs before another job
+    finished overwrite the other's later, fuller version; the lock orders the read-then-write steps so
+    the last one sees every finished output. Where the filesystem has no ``flock`` (some network
+    filesystems), the write goes ahead unlocked: still atomic, at worst one image short until the next run.
+    """
+    import fcntl
+
+    path = Path(path)
+    _ensure_parent(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _error(path, exc, creating=True) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.debug("no lock on %s (%s): continuing unlocked", path, exc.strerror or exc)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------- dataset files

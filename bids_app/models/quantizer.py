@@ -7,16 +7,20 @@ encoder output puts it back where the data is.
 
 The codebook update is split into :meth:`VectorQuantizer._batch_statistics` (local sums) and
 :meth:`VectorQuantizer._apply_ema` (the EMA step) so that a distributed trainer can all-reduce the statistics
-in between (``reduce_statistics``) and broadcast the codebook after initialisation and restarts
-(``broadcast_codebook``); both hooks default to no-ops. Example for DDP::
+in between (``reduce_statistics``). Initialisation and dead-code restarts draw their replacement vectors from
+``gather_rows(flat)``: a distributed trainer gathers every rank's latent vectors there, and with a generator in
+the same state on every rank each rank then draws the same replacements from the same rows, so codebooks stay
+identical without a broadcast and equal those of one process seeing the whole batch. ``broadcast_codebook``
+(called after initialisation and restarts) is the alternative for trainers whose generators differ per rank.
+All hooks default to no-ops. Example for DDP (what ``bids_app.training.vqgan`` installs)::
 
     def all_reduce(stats):
         torch.distributed.all_reduce(stats.counts); torch.distributed.all_reduce(stats.sums)
         return stats
     quantizer.reduce_statistics = all_reduce
-    quantizer.broadcast_codebook = lambda q: [torch.distributed.broadcast(b, 0) for b in q.buffers()]
+    quantizer.gather_rows = gather_in_rank_order
 
-(and construct DDP with ``broadcast_buffers=False`` so rank 0's EMA buffers do not overwrite the others').
+(and construct DDP with ``forward_sync_buffers=False`` so rank 0's EMA buffers do not overwrite the others').
 
 The nearest-code search runs in chunks of ``search_chunk_voxels`` latent vectors so its memory is
 ``chunk x n_codes`` distances, never ``voxels x n_codes``.
@@ -125,6 +129,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         #: Distributed hooks (see the module docstring); plain attributes, not saved.
         self.reduce_statistics: Callable[[CodebookStatistics], CodebookStatistics] | None = None
+        self.gather_rows: Callable[[Tensor], Tensor] | None = None
         self.broadcast_codebook: Callable[[VectorQuantizer], None] | None = None
 
     def forward(self, z: Tensor, generator: torch.Generator | None = None) -> QuantizerOutput:
@@ -136,15 +141,20 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.to(self.embedding.dtype)
             flat = z.movedim(1, -1).reshape(-1, self.embedding_dim)
+            rows = flat.detach()
+            if self.training and self.gather_rows is not None:
+                rows = self.gather_rows(rows)
             if self.training and not bool(self.initialised):
-                self.initialise_from(flat.detach(), generator)
+                self.initialise_from(rows, generator)
             with torch.no_grad():
                 codes = nearest_codes(flat.detach(), self.embedding, self.search_chunk_voxels)
             quantized_flat = F.embedding(codes, self.embedding)
             stats = self._batch_statistics(flat.detach(), codes)
+            if self.training and self.reduce_statistics is not None:
+                stats = self.reduce_statistics(stats)  # before the perplexity: it then describes the whole batch
             perplexity = self._perplexity(stats.counts)
             if self.training:
-                dead = self.update_codebook(flat.detach(), stats, generator).sum()
+                dead = self.update_codebook(rows, stats, generator).sum()
             else:
                 dead = (self.cluster_size < self.dead_code_threshold).sum()
             quantized = quantized_flat.view(*z.shape[:1], *z.shape[2:], self.embedding_dim).movedim(-1, 1)
@@ -179,12 +189,11 @@ class VectorQuantizer(nn.Module):
     def update_codebook(
         self, flat: Tensor, stats: CodebookStatistics, generator: torch.Generator | None = None
     ) -> Tensor:
-        """One EMA step from this batch's statistics, then restart the codes that fell out of use.
+        """One EMA step from this batch's statistics (already reduced over ranks), then restart the
+        codes that fell out of use from the rows ``flat`` (already gathered).
 
         Returns the mask of codes that were dead (and have been restarted) in this step.
         """
-        if self.reduce_statistics is not None:
-            stats = self.reduce_statistics(stats)
         self._apply_ema(stats)
         return self.restart_dead_codes(flat, generator)
 

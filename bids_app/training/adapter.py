@@ -2,7 +2,8 @@
 
 The UNet and the VQ-GAN are frozen (their parameters get no gradient, so memory stays low); only
 the adapter learns, with the diffusion loss of the UNet given the adapter's features. Trained on
-the training participants that have the control derivative.
+the training participants that have the control derivative. Distributed: the adapter alone is
+wrapped in DDP; batches and draws as in :mod:`bids_app.training.diffusion`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig
 from bids_app.settings import StageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
+from bids_app.training.distributed import SINGLE, Distributed
 from bids_app.training.diffusion import encode_latent, noisy_batch
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,16 @@ class AdapterStage:
     name = "adapter"
 
     def __init__(self, vqgan: Any, unet: Any, scheduler_config: SchedulerConfig, config: AdapterConfig,
-                 settings: StageSettings, train_data: Any, scale: float, device: str, seed: int) -> None:
+                 settings: StageSettings, train_data: Any, scale: float, device: str, seed: int,
+                 dist: Distributed = SINGLE) -> None:
         torch.manual_seed(seed)
+        self.dist = dist
         self.vqgan = vqgan.to(device).eval().requires_grad_(False)
         self.unet = unet.to(device).eval().requires_grad_(False)
         self.config, self.settings, self.train_data = config, settings, train_data
         self.scale, self.device, self.seed = scale, device, seed
         self.adapter = T2IAdapter(config).to(device)
+        self.adapter_ddp = dist.wrap(self.adapter)
         self.scheduler = DDIMScheduler(scheduler_config)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=settings.learning_rate, weight_decay=0.0)
@@ -41,18 +46,25 @@ class AdapterStage:
 
     def train_step(self, step: int) -> dict[str, float]:
         self.adapter.train()
-        batch = loop.load_batch(self.train_data, step, self.settings.batch_size, self.seed, self.device)
-        if "control" not in batch:
-            raise BadDataError("the adapter stage needs the control derivative for its training images")
-        x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-        noisy, t, target = noisy_batch(self.scheduler, x0, self.generator)
-        with loop.autocast(self.device, self.settings.precision):
-            features = self.adapter(batch["control"].float())
-            prediction = self.unet(noisy, t, features).float()
-        loss = F.mse_loss(prediction, target)
-        loop.optimizer_step(loss, self.optimizer, self.adapter.parameters(), self.scaler,
-                            self.settings.clip_norm, "adapter loss")
-        return {"loss": float(loss.detach())}
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in loop.micro_batches(step, self.settings.batch_size, self.settings.accumulation_steps,
+                                        len(self.train_data), self.seed, self.dist):
+            batch = loop.load_items(self.train_data, micro.items, self.device)
+            if "control" not in batch:
+                raise BadDataError("the adapter stage needs the control derivative for its training images")
+            x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
+            noisy, t, target = noisy_batch(self.scheduler, x0, self.generator, micro.size, micro.shard)
+            with loop.sync_gradients([self.adapter_ddp], micro.last):
+                with loop.autocast(self.device, self.settings.precision):
+                    features = self.adapter_ddp(batch["control"].float())
+                    prediction = self.unet(noisy, t, features).float()
+                loss = F.mse_loss(prediction, target)
+                loop.backward(loss / micro.count, self.scaler, "adapter loss")
+            loop.add_metrics(totals, {"loss": float(loss.detach())}, 1.0 / micro.count)
+        loop.apply_gradients(self.optimizer, self.adapter.parameters(), self.scaler, self.settings.clip_norm,
+                             "adapter loss")
+        return self.dist.mean_metrics(totals, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -4,10 +4,15 @@ Latents are the quantised VQ-GAN codes' embeddings, multiplied by a scale factor
 the training latents (1 / their standard deviation, as latent diffusion does) so the diffusion sees
 unit-variance data; the factor is saved with the stage and in the model card. An EMA of the UNet
 weights is kept and is what inference samples with.
+
+Distributed: the UNet is wrapped in DDP; each rank encodes its shard of the micro-batch, draws noise and
+timesteps for the whole micro-batch and keeps its rows (so the draws do not depend on the number of
+processes), and keeps its own, identical, EMA.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +26,7 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig, denoise, draw_no
 from bids_app.settings import DiffusionStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
+from bids_app.training.distributed import SINGLE, Distributed
 from bids_app.training.ema import EMA
 from bids_app.training.figures import save_volume_figure
 
@@ -39,20 +45,37 @@ def encode_latent(vqgan: VQGAN, image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_scale(vqgan: VQGAN, dataset: Any, device: str) -> float:
-    """1 / std of the (un-augmented) training latents."""
-    latents = [encode_latent(vqgan, dataset[i]["image"][None].to(device)) for i in range(len(dataset))]
-    std = float(torch.cat([z.flatten() for z in latents]).std())
+def latent_scale(vqgan: VQGAN, dataset: Any, device: str, dist: Distributed = SINGLE) -> float:
+    """1 / std of the (un-augmented) training latents; each rank encodes every ``world_size``-th volume
+    and the sums are all-reduced (float64), so every rank gets the same factor."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(dist.rank, len(dataset), dist.world_size):
+        z = encode_latent(vqgan, dataset[i]["image"][None].to(device)).double().cpu()
+        sums += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(), z.pow(2).sum()])
+    if dist.backend == "nccl":
+        sums = dist.all_reduce_sum_(sums.to(device)).cpu()
+    else:
+        dist.all_reduce_sum_(sums)
+    n, total, squares = sums.tolist()
+    variance = (squares - total * total / n) / max(n - 1, 1) if n else 0.0
+    std = math.sqrt(max(variance, 0.0))
     if not std > 0:
         raise BadDataError("the VQ-GAN latents of the training images are constant: the autoencoder did not train")
     return 1.0 / std
 
 
-def noisy_batch(scheduler: Any, x0: torch.Tensor, generator: torch.Generator):
-    """(noisy latents, timesteps, training target) for one batch, drawn from ``generator``."""
-    noise = draw_noise(x0, generator)
-    t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],),
-                      generator=generator, device=generator.device).to(x0.device)
+def noisy_batch(scheduler: Any, x0: torch.Tensor, generator: torch.Generator, size: int | None = None,
+                shard: slice | None = None):
+    """(noisy latents, timesteps, training target) for one batch, drawn from ``generator``.
+
+    Distributed: ``x0`` is this rank's ``shard`` of a micro-batch of ``size`` items; the draws are made for
+    all ``size`` and the shard kept, so the generator advances alike on every rank.
+    """
+    size = x0.shape[0] if size is None else size
+    shard = slice(0, size) if shard is None else shard
+    noise = draw_noise(x0.new_empty((size, *x0.shape[1:])), generator)[shard]
+    t = torch.randint(0, scheduler.num_train_timesteps, (size,),
+                      generator=generator, device=generator.device)[shard].to(x0.device)
     return scheduler.add_noise(x0, noise, t), t, scheduler.training_target(x0, noise, t)
 
 
@@ -72,13 +95,16 @@ class DiffusionStage:
         device: str,
         seed: int,
         figures_dir: Path | None = None,
+        dist: Distributed = SINGLE,
     ) -> None:
         torch.manual_seed(seed)
+        self.dist = dist
         self.vqgan = vqgan.to(device).eval().requires_grad_(False)
         self.config, self.scheduler_config, self.settings = config, scheduler_config, settings
         self.train_data, self.scale, self.device, self.seed = train_data, scale, device, seed
         self.figures_dir = figures_dir
         self.model = UNet3D(config).to(device)
+        self.model_ddp = dist.wrap(self.model)
         self.ema = EMA(self.model, settings.ema_decay)
         self.scheduler = DDIMScheduler(scheduler_config)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -89,17 +115,24 @@ class DiffusionStage:
 
     def train_step(self, step: int) -> dict[str, float]:
         self.model.train()
-        batch = loop.load_batch(self.train_data, step, self.settings.batch_size, self.seed, self.device)
-        x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-        noisy, t, target = noisy_batch(self.scheduler, x0, self.generator)
-        with loop.autocast(self.device, self.settings.precision):
-            prediction = self.model(noisy, t).float()
-        loss = F.mse_loss(prediction, target) if self.settings.loss == "l2" else F.l1_loss(prediction, target)
-        if loop.optimizer_step(loss, self.optimizer, self.model.parameters(), self.scaler,
-                               self.settings.clip_norm, "diffusion loss"):
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in loop.micro_batches(step, self.settings.batch_size, self.settings.accumulation_steps,
+                                        len(self.train_data), self.seed, self.dist):
+            batch = loop.load_items(self.train_data, micro.items, self.device)
+            x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
+            noisy, t, target = noisy_batch(self.scheduler, x0, self.generator, micro.size, micro.shard)
+            with loop.sync_gradients([self.model_ddp], micro.last):
+                with loop.autocast(self.device, self.settings.precision):
+                    prediction = self.model_ddp(noisy, t).float()
+                loss = F.mse_loss(prediction, target) if self.settings.loss == "l2" else F.l1_loss(prediction, target)
+                loop.backward(loss / micro.count, self.scaler, "diffusion loss")
+            loop.add_metrics(totals, {"loss": float(loss.detach())}, 1.0 / micro.count)
+        if loop.apply_gradients(self.optimizer, self.model.parameters(), self.scaler, self.settings.clip_norm,
+                                "diffusion loss"):
             self.ema.update(self.model)
-        metrics = {"loss": float(loss.detach())}
-        if self.settings.figure_every and (step + 1) % self.settings.figure_every == 0:
+        metrics = self.dist.mean_metrics(totals, self.device)
+        if self.settings.figure_every and (step + 1) % self.settings.figure_every == 0 and self.dist.is_main:
             self.sample_figure(step + 1)
         return metrics
 

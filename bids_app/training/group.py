@@ -3,6 +3,12 @@
 Each component lives in its own folder of the model directory with its config next to its weights
 and a ``stage.json`` that marks it finished. Checkpoints live in the work dir; a rerun resumes an
 interrupted stage and skips a finished one (``--retrain`` trains again).
+
+Under torchrun every rank runs the training stages (DDP); rank 0 alone writes (checkpoints,
+components, figures, the model card), and a barrier follows each write that another rank reads next
+(the checkpoint folder before a stage resumes, a component before the next stage loads it). The
+calibration runs on rank 0 only, after the last collective: it is inference on a few held-out
+participants, and the other ranks are done by then.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from bids_app.models.discriminators import DiscriminatorConfig
 from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
 from bids_app.training import loop
+from bids_app.training.distributed import SINGLE, Distributed
 from bids_app.training.diffusion import DiffusionStage, latent_scale, unet_config
 from bids_app.training.preparation import PreparedData
 from bids_app.training.vqgan import VQGANStage, vqgan_config
@@ -41,11 +48,14 @@ log = logging.getLogger(__name__)
 
 
 
-def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> dict[str, Any]:
+def train_models(settings: RunSettings, prepared: PreparedData, device: str,
+                 dist: Distributed = SINGLE) -> dict[str, Any]:
     """Run the selected stages; returns what the run record and model card say about them."""
     model_dir, seed = settings.model_dir, settings.compute.seed
-    (model_dir / MODEL_CARD).unlink(missing_ok=True)  # re-written last, once every component is final
-    figures = model_dir / "figures"
+    if dist.is_main:
+        (model_dir / MODEL_CARD).unlink(missing_ok=True)  # re-written last, once every component is final
+    dist.barrier()  # every rank decides below from the same files
+    figures = model_dir / "figures" if dist.is_main else None
     cache = settings.work_dir / "cache"
     augment = AugmentationSettings() if settings.training.augment else None
     crop = settings.training.vqgan.crop_shape
@@ -61,10 +71,13 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
         if is_finished(vq_dir, vq_cfg.to_dict()) and not settings.training.retrain:
             log.info("vqgan: already trained (%s); --retrain trains it again", vq_dir)
         else:
-            stage = VQGANStage(vq_cfg, disc_cfg, settings.training.vqgan, vq_train, validation, device, seed, figures)
-            result = _run(stage, settings.training.vqgan, settings, "vqgan", vq_cfg.to_dict())
-            store_component(vq_dir, stage.inference_weights(), vq_cfg.to_dict(), _summary(result),
-                            {"discriminator": disc_cfg.to_dict()})
+            stage = VQGANStage(vq_cfg, disc_cfg, settings.training.vqgan, vq_train, validation, device, seed, figures,
+                               dist)
+            result = _run(stage, settings.training.vqgan, settings, "vqgan", vq_cfg.to_dict(), dist)
+            if dist.is_main:
+                store_component(vq_dir, stage.inference_weights(), vq_cfg.to_dict(), _summary(result, settings.training.vqgan, dist),
+                                {"discriminator": disc_cfg.to_dict()})
+            dist.barrier()
     vqgan = load_vqgan(vq_dir, device) if is_finished(vq_dir) else None
     summary["vqgan"] = read_stage(vq_dir)
 
@@ -78,19 +91,24 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
         if is_finished(diff_dir, identity) and not settings.training.retrain:
             log.info("diffusion: already trained (%s); --retrain trains it again", diff_dir)
         else:
-            scale = latent_scale(vqgan, TrainingVolumes(prepared.train, prepared.plan, cache), device)
+            scale = latent_scale(vqgan, TrainingVolumes(prepared.train, prepared.plan, cache), device, dist)
             log.info("diffusion: latent scale factor %.4f (1 / std of the training latents)", scale)
             stage = DiffusionStage(vqgan, unet_cfg, sched_cfg, settings.training.diffusion, diff_train, scale,
-                                   device, seed, figures)
-            result = _run(stage, settings.training.diffusion, settings, "diffusion", identity)
-            store_component(diff_dir, stage.inference_weights(), identity, _summary(result),
-                            {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
+                                   device, seed, figures, dist)
+            result = _run(stage, settings.training.diffusion, settings, "diffusion", identity, dist)
+            if dist.is_main:
+                store_component(diff_dir, stage.inference_weights(), identity,
+                                _summary(result, settings.training.diffusion, dist),
+                                {"scheduler": sched_cfg.to_dict(), "latent_scale": stage.scale})
+            dist.barrier()
     summary["diffusion"] = read_stage(diff_dir)
 
     adapter_dir = model_dir / "adapter"
     if "adapter" in settings.training.stages and summary["diffusion"]:
-        _train_adapter(settings, prepared, summary, vqgan, device)
+        _train_adapter(settings, prepared, summary, vqgan, device, dist)
     summary["adapter"] = read_stage(adapter_dir) if is_finished(adapter_dir) else {}
+    if not dist.is_main:
+        return summary  # the last collective is behind: calibration and the model card are rank 0's
 
     if "calibrate" in settings.training.stages and summary["diffusion"]:
         summary["calibration"] = _calibrate(settings, prepared, _upstream(summary), device)
@@ -109,18 +127,20 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str) -> 
 
 
 def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name: str,
-         identity: Mapping[str, Any]) -> loop.StageResult:
+         identity: Mapping[str, Any], dist: Distributed = SINGLE) -> loop.StageResult:
     """Resume from the stage's checkpoint only when it was made for the same identity (architecture
     and upstream weights) and no retraining was asked; otherwise start afresh."""
     checkpoints = _checkpoint_dir(settings, name)
     marker = checkpoints / "identity.json"
     wanted = json.loads(json.dumps(identity))
     stale = marker.is_file() and json.loads(marker.read_text()) != wanted
-    if settings.training.retrain or stale or not marker.is_file():
+    if dist.is_main and (settings.training.retrain or stale or not marker.is_file()):
         if stale:
             log.info("%s: the checkpoint in %s belongs to another configuration; starting afresh", name, checkpoints)
         shutil.rmtree(checkpoints, ignore_errors=True)
         atomic_write_json(marker, wanted)
+    dist.barrier()  # the checkpoint folder is settled before any rank resumes from it
+    _log_batch(name, stage_settings, dist)
     budget = loop.Budget(
         max_steps=stage_settings.max_steps,
         max_time_s=stage_settings.max_time_s,
@@ -129,9 +149,18 @@ def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name:
     )
     log.info("%s: training for up to %d steps%s", name, budget.max_steps,
              f" or {budget.max_time_s:.0f} s" if budget.max_time_s else "")
-    result = loop.run_stage(stage, budget, checkpoints)
+    result = loop.run_stage(stage, budget, checkpoints, dist)
     log.info("%s: finished at step %d (%s) in %.1f s", name, result.steps, result.stopped_by, result.seconds)
     return result
+
+
+def _log_batch(name: str, stage_settings: StageSettings, dist: Distributed) -> None:
+    """The effective batch and the learning rate, stated: neither changes with the number of processes."""
+    per_process = stage_settings.batch_size // (stage_settings.accumulation_steps * dist.world_size)
+    log.info("%s: effective batch %d volume(s) per optimiser step = %d process(es) x %d micro-step(s) x %d "
+             "volume(s); learning rate %g (as set: not scaled with the batch or the number of processes)",
+             name, stage_settings.batch_size, dist.world_size, stage_settings.accumulation_steps, per_process,
+             stage_settings.learning_rate)
 
 
 def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
@@ -139,7 +168,7 @@ def _checkpoint_dir(settings: RunSettings, name: str) -> Path:
 
 
 def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any], vqgan: Any,
-                   device: str) -> None:
+                   device: str, dist: Distributed = SINGLE) -> None:
     """The T2I-Adapter on the training images that have a cord mask; skipped when none has one."""
     samples = tuple(s for s in prepared.train if "control" in s.masks)
     directory = settings.model_dir / "adapter"
@@ -156,10 +185,12 @@ def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mappi
     data = TrainingVolumes(samples, prepared.plan, settings.work_dir / "cache",
                            augment=AugmentationSettings() if settings.training.augment else None, seed=settings.compute.seed)
     stage = AdapterStage(vqgan, unet, SchedulerConfig.from_dict(diffusion["scheduler"]), config, settings.training.adapter,
-                         data, float(diffusion["latent_scale"]), device, settings.compute.seed)
-    result = _run(stage, settings.training.adapter, settings, "adapter", identity)
-    store_component(directory, stage.inference_weights(), identity, _summary(result),
-                    {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples)})
+                         data, float(diffusion["latent_scale"]), device, settings.compute.seed, dist)
+    result = _run(stage, settings.training.adapter, settings, "adapter", identity, dist)
+    if dist.is_main:
+        store_component(directory, stage.inference_weights(), identity, _summary(result, settings.training.adapter, dist),
+                        {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples)})
+    dist.barrier()
 
 
 def _upstream(summary: Mapping[str, Any]) -> str:
@@ -191,9 +222,11 @@ def _calibrate(settings: RunSettings, prepared: PreparedData, diffusion_sha256: 
     return summary
 
 
-def _summary(result: loop.StageResult) -> dict[str, Any]:
+def _summary(result: loop.StageResult, stage_settings: StageSettings, dist: Distributed) -> dict[str, Any]:
     return {"steps": result.steps, "stopped_by": result.stopped_by, "seconds": round(result.seconds, 2),
-            "final_metrics": dict(result.last_metrics)}
+            "final_metrics": dict(result.last_metrics), "effective_batch": stage_settings.batch_size,
+            "accumulation_steps": stage_settings.accumulation_steps, "learning_rate": stage_settings.learning_rate,
+            "processes": dist.world_size}
 
 
 def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:

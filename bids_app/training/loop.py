@@ -5,6 +5,11 @@ checkpoint when there is one, runs ``stage.train_step(step)`` until ``max_steps`
 budget, logs losses to ``losses.jsonl`` and checkpoints atomically every ``checkpoint_every`` steps.
 A stage that draws its data order and noise from its own seeded generator, whose state is in the
 checkpoint, resumes bitwise identically on CPU.
+
+Under torchrun (see :mod:`bids_app.training.distributed`) every rank runs this same loop: only rank 0
+logs and checkpoints, every rank resumes from the same checkpoint, and the wall-clock budget is
+decided jointly so that no rank stops alone. A step is ``accumulation_steps`` micro-steps
+(:func:`micro_batches`); gradients are synchronised only on the last one (:func:`sync_gradients`).
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
+from bids_app.errors import UsageError
 from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
+from bids_app.training.distributed import SINGLE, Distributed
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +65,13 @@ class Stage(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, is_main: bool = True) -> StageResult:
-    """Train ``stage`` to its budget, resuming from ``checkpoint_dir/latest.pt`` if present."""
+def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, dist: Distributed = SINGLE) -> StageResult:
+    """Train ``stage`` to its budget, resuming from ``checkpoint_dir/latest.pt`` if present.
+
+    Distributed: every rank loads the checkpoint (rank 0 must not be writing it: the caller holds a
+    barrier before), rank 0 alone writes the log and checkpoints.
+    """
+    is_main = dist.is_main
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint = checkpoint_dir / CHECKPOINT_NAME
     start = 0
@@ -80,7 +92,7 @@ def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, is_main: bool 
             metrics = stage.train_step(step)
             step += 1
             elapsed = time.monotonic() - started
-            out_of_time = budget.max_time_s is not None and elapsed >= budget.max_time_s
+            out_of_time = budget.max_time_s is not None and dist.any(elapsed >= budget.max_time_s)
             if is_main:
                 _append_log(losses, {"step": step, "time_s": round(elapsed, 3), **metrics})
                 progress(step, metrics)
@@ -106,17 +118,33 @@ def optimizer_step(
     clip_norm: float | None = 1.0,
     name: str = "loss",
 ) -> bool:
-    """Backward, unscale, clip, step. A non-finite loss or gradient skips the step (and says so)
-    instead of corrupting the weights; returns whether the step was taken."""
+    """Zero, backward, unscale, clip, step: one optimisation step from one loss (no accumulation)."""
     optimizer.zero_grad(set_to_none=True)
+    backward(loss, scaler, name)
+    return apply_gradients(optimizer, parameters, scaler, clip_norm, name)
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None, name: str = "loss") -> None:
+    """Accumulate the gradient of ``loss``. A non-finite loss is still back-propagated, so that every
+    DDP rank takes part in the same gradient reduction; its NaN gradient makes :func:`apply_gradients`
+    skip the step on every rank alike."""
     if not torch.isfinite(loss.detach()).all():
         log.warning("skipped an optimiser step: %s is %s", name, loss.detach().float().cpu().tolist())
-        return False
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def apply_gradients(
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    scaler: torch.amp.GradScaler | None = None,
+    clip_norm: float | None = 1.0,
+    name: str = "loss",
+) -> bool:
+    """Unscale, clip, step. A non-finite gradient skips the step (and says so) instead of corrupting
+    the weights; returns whether the step was taken. Gradients are identical on every rank after DDP's
+    reduction, so every rank takes the same decision."""
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     params = [p for p in parameters if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else math.inf)
     if not torch.isfinite(norm):
@@ -131,6 +159,54 @@ def optimizer_step(
     else:
         optimizer.step()
     return True
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-step of an optimiser step, as this rank sees it."""
+
+    items: list[tuple[int, int]]  # this rank's (epoch, item) pairs
+    size: int  # items of the whole micro-batch, over all ranks: random draws are made for this many
+    shard: slice  # this rank's part of the whole micro-batch
+    index: int
+    count: int  # micro-steps in the optimiser step: each micro-loss is divided by it
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def micro_batches(step: int, batch_size: int, accumulation_steps: int, n_items: int, seed: int,
+                  dist: Distributed = SINGLE) -> list[MicroBatch]:
+    """Split the step's global batch (``batch_items``) into micro-batches, and each into rank shards.
+
+    ``batch_size`` is the effective batch of one optimiser step whatever the number of processes, so
+    a run's data order (and, up to floating-point summation order, its result) does not depend on it.
+    """
+    if accumulation_steps < 1 or batch_size % accumulation_steps:
+        raise UsageError(f"batch_size {batch_size} is not a multiple of accumulation_steps {accumulation_steps}")
+    items = batch_items(step, batch_size, n_items, seed)
+    size = batch_size // accumulation_steps
+    shard = dist.shard(size)
+    return [MicroBatch(items[m * size:(m + 1) * size][shard], size, shard, m, accumulation_steps)
+            for m in range(accumulation_steps)]
+
+
+def sync_gradients(modules: Iterable[torch.nn.Module], sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` on every wrapped module unless ``sync``: accumulate locally on the non-final
+    micro-steps, reduce once on the last (forward and backward must both run inside)."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for module in modules:
+            if hasattr(module, "no_sync"):
+                stack.enter_context(module.no_sync())
+    return stack
+
+
+def add_metrics(totals: dict[str, float], metrics: Mapping[str, float], weight: float) -> None:
+    """Running weighted sum of per-micro-step metrics (their mean over the step, with weight 1/count)."""
+    for name, value in metrics.items():
+        totals[name] = totals.get(name, 0.0) + weight * value
 
 
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager:
@@ -173,8 +249,13 @@ def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[i
 
 def load_batch(dataset: Any, step: int, batch_size: int, seed: int, device: str) -> dict[str, torch.Tensor]:
     """Stack the step's items (each drawn with its epoch's augmentation) into device tensors."""
+    return load_items(dataset, batch_items(step, batch_size, len(dataset), seed), device)
+
+
+def load_items(dataset: Any, items: Iterable[tuple[int, int]], device: str) -> dict[str, torch.Tensor]:
+    """Stack the given (epoch, item) pairs, each drawn with its epoch's augmentation, into device tensors."""
     tensors: dict[str, list[torch.Tensor]] = {}
-    for epoch, index in batch_items(step, batch_size, len(dataset), seed):
+    for epoch, index in items:
         dataset.set_epoch(epoch)
         item = dataset[index]
         for name, value in item.items():

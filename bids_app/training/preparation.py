@@ -20,6 +20,7 @@ from bids_app.preprocessing.fingerprint import (
 )
 from bids_app.preprocessing.plan import PreprocessingPlan, load_plan, save_plan, PLAN_FILE
 from bids_app.settings import RunSettings
+from bids_app.training.distributed import SINGLE, Distributed
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,19 @@ def sample_of(record: ImageRecord) -> Sample:
     return Sample(name=record.relpath, image=record.image, masks=masks)
 
 
-def prepare_training_data(settings: RunSettings, selection: TrainingSelection) -> PreparedData:
+def prepare_training_data(settings: RunSettings, selection: TrainingSelection,
+                          dist: Distributed = SINGLE) -> PreparedData:
     """Split by participant, fingerprint the training images, derive (or reuse) the plan, and
-    preprocess every image once into the work-dir cache so that stages start from cached arrays."""
+    preprocess every image once into the work-dir cache so that stages start from cached arrays.
+
+    Distributed: rank 0 prepares and writes; the others receive its result once the cache is warm
+    (the broadcast is also the barrier), so they read the cache and never write it.
+    """
+    prepared = _prepare(settings, selection) if dist.is_main else None
+    return dist.broadcast_object(prepared)
+
+
+def _prepare(settings: RunSettings, selection: TrainingSelection) -> PreparedData:
     from bids_app.bids.derivatives import atomic_write_json
 
     prep = settings.preprocessing
