@@ -205,7 +205,7 @@ def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any])
     seg = settings.segmentation
     now = {"strengths": list(seg.strengths), "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler,
            "median_size": seg.median_size, "polarity": seg.polarity,
-           "reference": seg.reference, "window_overlap": seg.window_overlap, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
+           "reference": seg.reference, "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
            "adapter_scale": seg.adapter_scale}
     differing = [k for k, v in now.items() if identity.get(k) != v]
     if differing:

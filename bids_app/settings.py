@@ -129,6 +129,7 @@ class SegmentationSettings:
     polarity: str = "auto"  # measured: counting only brighter residuals on T2w triples the oracle Dice
     reference: str = "reconstruction"
     window_overlap: float = 0.5
+    edit_region: str = "cord"
     cord_margin_mm: float = 0.0  # measured: bright CSF next to the cord dominates a dilated region
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
@@ -312,6 +313,8 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"--polarity must be auto, bright, dark or both, got {seg.polarity!r}")
     if seg.reference not in ("reconstruction", "image"):
         raise UsageError(f"segmentation.reference must be reconstruction or image, got {seg.reference!r}")
+    if seg.edit_region not in ("cord", "all"):
+        raise UsageError(f"segmentation.edit_region must be cord or all, got {seg.edit_region!r}")
     if not 0 <= seg.window_overlap < 1:
         raise UsageError(f"segmentation.window_overlap must be in [0, 1), got {seg.window_overlap}")
     if not 0.5 < seg.calibration_quantile < 1:

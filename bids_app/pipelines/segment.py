@@ -64,13 +64,14 @@ def native_residual(
         used.append(features is not None)
         return features
 
-    cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
-                                   pre.image, cf_settings, models.plan.target_shape, device, features_for)
-    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity)
-    residual = smooth(residual, residual_settings.median_size, valid=pre.valid)
     region, source = analysis_region(pre.valid, pre.masks.get("cord"), models.plan.target_spacing,
                                      residual_settings.cord_margin_mm, image=pre.image,
                                      foreground_threshold=residual_settings.foreground_threshold)
+    editable = region if cf_settings.edit_region == "cord" and source == "cord" else None
+    cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
+                                   pre.image, cf_settings, models.plan.target_shape, device, features_for, editable)
+    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity)
+    residual = smooth(residual, residual_settings.median_size, valid=pre.valid)
     if source != "cord":
         log.warning("%s: no cord mask: anomalies are searched in the whole body foreground", name)
     residual = restrict(residual, region)
@@ -113,7 +114,7 @@ def counterfactual_settings(seg: Any, seed: int, strengths: tuple[float, ...] | 
     return CounterfactualSettings(strengths=tuple(strengths or seg.strengths), n_samples=seg.n_samples,
                                   steps=seg.steps, sampler=seg.sampler, eta=seg.eta,
                                   max_latent_voxels=seg.max_latent_voxels, seed=seed, reference=seg.reference,
-                                  window_overlap=seg.window_overlap)
+                                  window_overlap=seg.window_overlap, edit_region=seg.edit_region)
 
 
 #: Suffixes on which lesions are darker than healthy tissue (T1 "black holes"); on T2w, T2*w,
@@ -142,4 +143,5 @@ def describe_settings(cf: CounterfactualSettings, residual: ResidualSettings) ->
         "Eta": cf.eta, "Seed": cf.seed, "MedianFilterSize": residual.median_size,
         "CordMarginMM": residual.cord_margin_mm, "MinLesionVolumeMM3": residual.min_lesion_mm3,
         "ResidualPolarity": residual.polarity, "ResidualReference": cf.reference, "WindowOverlap": cf.window_overlap,
+        "EditRegion": cf.edit_region,
     }

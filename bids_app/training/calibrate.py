@@ -30,7 +30,7 @@ def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[st
         "models_sha256": upstream_sha256, "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale,
         "strengths": list(seg.strengths), "n_samples": seg.n_samples,
         "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size, "polarity": seg.polarity,
-        "reference": seg.reference, "window_overlap": seg.window_overlap,
+        "reference": seg.reference, "window_overlap": seg.window_overlap, "edit_region": seg.edit_region,
         "cord_margin_mm": seg.cord_margin_mm, "quantile": seg.calibration_quantile, "seed": settings.compute.seed,
     }
 

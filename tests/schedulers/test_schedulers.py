@@ -179,3 +179,22 @@ def test_ddim_inversion_round_trip(schedule: str, prediction_type: str, strength
         errors[n] = (back - x0).abs().max().item()
     assert errors[1000] < 0.02
     assert errors[1000] < errors[100] / 5
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+def test_known_region_holds_the_original_and_only_the_editable_part_changes(scheduler_cls) -> None:
+    from bids_app.schedulers import img2img
+
+    config = SchedulerConfig(num_train_timesteps=100)
+    x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    model = lambda z, t: 0.3 * z + 0.1  # noqa: E731  any deterministic "network"
+    run = lambda editable: img2img(model, scheduler_cls(config), x0, 0.6, 10,  # noqa: E731
+                                   torch.Generator().manual_seed(3), editable)[0]
+    assert torch.equal(run(torch.zeros(1, 1, 4, 4, 6)), x0), "nothing editable: the input comes back exactly"
+    free = run(None)
+    assert torch.allclose(run(torch.ones(1, 1, 4, 4, 6)), free), "all editable: plain img2img"
+    half = torch.zeros(1, 1, 4, 4, 6)
+    half[..., 3:] = 1
+    partial = run(half)
+    assert torch.equal(partial[..., :3], x0[..., :3])
+    assert not torch.allclose(partial[..., 3:], x0[..., 3:])
