@@ -48,6 +48,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# Interpreters given by a relative path must survive the cd into the scratch dir (not resolved
+# further: a venv's python is a link, and following it would leave the venv).
+absolute() { case "$1" in */*) echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" ;; *) echo "$1" ;; esac; }
+PYTHON=$(absolute "$PYTHON")
+if [ -n "${HOST_PYTHON:-}" ]; then HOST_PYTHON=$(absolute "$HOST_PYTHON"); fi
+
 phase_started=$SECONDS
 phase() { echo "== [$((SECONDS - phase_started)) s] $*"; }
 fail() { echo "SMOKE FAILED: $*" >&2; exit 1; }
@@ -153,6 +159,12 @@ for level in group participant; do
     in_container /data /out "$level" --config /config/tiny.json "${RUN_FLAGS[@]}" \
         || fail "$level level in the container"
 done
+container_tag=$("$HOST_PY" -c 'import json, sys
+print(json.load(open(sys.argv[1]))["GeneratedBy"][0].get("Container", {}).get("Tag", ""))' \
+    "$WORK/out-container/dataset_description.json")
+[ "$container_tag" = "counterseg:$VERSION" ] \
+    || fail "GeneratedBy.Container.Tag is '$container_tag', expected 'counterseg:$VERSION'"
+
 for level in group participant; do
     phase "host: $level level"
     on_host "$WORK/bids" "$WORK/out-host" "$level" --config "$WORK/tiny.json" "${RUN_FLAGS[@]}" \
@@ -162,4 +174,4 @@ done
 phase "comparing the outputs"
 "$HOST_PY" "$REPO/scripts/compare_outputs.py" "$WORK/out-host" "$WORK/out-container" \
     || fail "the container's outputs differ from the host's"
-phase "container smoke test passed"
+phase "container smoke test passed (${SECONDS} s in all)"
