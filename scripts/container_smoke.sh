@@ -36,7 +36,7 @@ TINY_CONFIG='{"training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_ev
                            "adapter": {"max_steps": 2}},
               "segmentation": {"steps": 2}}'
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --base) BASE_IMAGE=$2; shift 2 ;;
@@ -53,6 +53,8 @@ done
 absolute() { case "$1" in */*) echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" ;; *) echo "$1" ;; esac; }
 PYTHON=$(absolute "$PYTHON")
 if [ -n "${HOST_PYTHON:-}" ]; then HOST_PYTHON=$(absolute "$HOST_PYTHON"); fi
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)  # docker -v takes absolute paths only
 
 phase_started=$SECONDS
 phase() { echo "== [$((SECONDS - phase_started)) s] $*"; }
@@ -105,7 +107,6 @@ in_container() {
 # Run from the scratch dir so that nothing lands in the repository.
 on_host() { (cd "$WORK" && OMP_NUM_THREADS=1 "$HOST_PY" "$REPO/run.py" "$@"); }
 
-mkdir -p "$WORK"
 docker info >/dev/null 2>&1 || fail "no Docker daemon (start dockerd)"
 GPU_FLAGS=()
 if docker info --format '{{json .Runtimes}}' | grep -q nvidia; then GPU_FLAGS=(--gpus all); fi
