@@ -109,7 +109,8 @@ on_host() { (cd "$WORK" && OMP_NUM_THREADS=1 "$HOST_PY" "$REPO/run.py" "$@"); }
 
 docker info >/dev/null 2>&1 || fail "no Docker daemon (start dockerd)"
 GPU_FLAGS=()
-if docker info --format '{{json .Runtimes}}' | grep -q nvidia; then GPU_FLAGS=(--gpus all); fi
+runtimes=$(docker info --format '{{json .Runtimes}}')
+if [[ $runtimes == *nvidia* ]]; then GPU_FLAGS=(--gpus all); fi
 
 if [ -z "$BASE_IMAGE" ]; then
     BASE_IMAGE=$LOCAL_BASE
@@ -148,7 +149,9 @@ chmod 0777 "$WORK/out-container"
 phase "container: --version, --help ${GPU_FLAGS[*]}"
 reported=$(in_container --version)
 [ "$reported" = "counterseg $VERSION" ] || fail "--version says '$reported', expected 'counterseg $VERSION'"
-in_container --help | grep -q "^usage: counterseg" || fail "--help"
+# Captured first: `grep -q` on a pipe would stop reading early, and pipefail see docker's SIGPIPE.
+help_text=$(in_container --help) || fail "--help exited non-zero"
+grep -q "^usage: counterseg" <<< "$help_text" || fail "--help printed no usage line"
 if [ ${#GPU_FLAGS[@]} -gt 0 ]; then
     docker run "${LOCKED_DOWN[@]}" "${GPU_FLAGS[@]}" --entrypoint python3 "$IMAGE" \
         -c 'import torch; assert torch.cuda.is_available()' \
