@@ -361,32 +361,10 @@ def _run_level(settings: RunSettings, logs: Path, context: Any = None) -> int:
 
 
 def run_demo(outdir: Path, args: argparse.Namespace) -> int:
-    """``--demo OUTDIR``: synthetic dataset, then group and participant levels with the tiny preset."""
-    from bids_app.synthetic import generate_dataset
+    """``--demo OUTDIR``: synthetic dataset, then both levels (see :mod:`bids_app.demo`)."""
+    from bids_app import demo
 
-    outdir = Path(outdir).absolute()
-    bids_dir, out = outdir / "bids", outdir / "out"
-    if (bids_dir / "dataset_description.json").is_file():
-        log.info("demo: reusing the synthetic dataset in %s", bids_dir)
-    else:
-        log.info("demo: generating the synthetic dataset in %s", bids_dir)
-        generate_dataset(bids_dir, seed=getattr(args, "seed", 0))
-    common = ["--preset", "tiny"]
-    for name in ("device", "seed", "nprocs", "omp_nthreads"):
-        if name in args:
-            common += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    common += ["-v"] * getattr(args, "verbosity", 0)
-    for level in ("group", "participant"):
-        code = _main([str(bids_dir), str(out), level, *common])
-        if code != ExitCode.OK:
-            return code
-    log.info("demo finished: outputs in %s", out)
-    summary = out / "evaluation_summary.tsv"
-    if summary.is_file():
-        log.info("evaluation summary (lesion participants against the phantom's ground truth): %s", summary)
-    for report in sorted(out.glob("*.html")):
-        log.info("report: %s", report)
-    return ExitCode.OK
+    return demo.run_demo(outdir, args, _main)
 
 
 def _report(exc: CountersegError) -> int:
