@@ -18,6 +18,7 @@ from bids_app.errors import (
     CannotCreateError,
     CountersegError,
     ExitCode,
+    RunInterrupted,
     UnknownLevelError,
     UsageError,
 )
@@ -301,6 +302,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _run_level(settings: RunSettings, logs: Path) -> int:
+    from bids_app import interruption
+
+    with interruption.handle_signals():
+        return _run_level_logged(settings, logs)
+
+
+def _run_level_logged(settings: RunSettings, logs: Path) -> int:
     from bids_app import levels, runlog
     from bids_app.compute import configure_threads, resolve_device
 
@@ -318,7 +326,7 @@ def _run_level(settings: RunSettings, logs: Path) -> int:
         runner = levels.run_group if settings.analysis_level == "group" else levels.run_participant
         record.update(runner(settings, device))
         log.info("%s level finished in %.1f s", settings.analysis_level, time.time() - started)
-    except CountersegError as exc:
+    except (CountersegError, RunInterrupted) as exc:
         code = _report(exc)
         record["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - the one place a crash becomes exit 1
@@ -366,7 +374,7 @@ def run_demo(outdir: Path, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _report(exc: CountersegError) -> int:
+def _report(exc: CountersegError | RunInterrupted) -> int:
     """One line (plus details for multi-line messages) on stderr, and the error's exit code."""
     lines = str(exc).splitlines() or [type(exc).__name__]
     logging.getLogger("bids_app").error("%s (exit %d)", lines[0], int(exc.exit_code))

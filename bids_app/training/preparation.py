@@ -5,11 +5,13 @@ them back); the split is recorded so calibration can use held-out healthy partic
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, TrainingSelection
 from bids_app.data import Sample, TrainingVolumes, split_participants
 from bids_app.preprocessing.fingerprint import (
@@ -65,6 +67,8 @@ def prepare_training_data(settings: RunSettings, selection: TrainingSelection) -
     fingerprint = compute_fingerprint([(r.image, r.cord_mask, r.relpath) for r in train])
     model_dir = settings.model_dir
     plan = _plan(settings, fingerprint, model_dir)
+    for record in selection.images:
+        check_fits_plan(record.image, plan)
     model_dir.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fingerprint, model_dir)
     save_plan(plan, model_dir)
@@ -84,7 +88,8 @@ def _plan(settings: RunSettings, fingerprint: Fingerprint, model_dir: Path) -> P
     derive one from the fingerprint and the settings."""
     prep = settings.preprocessing
     if (model_dir / PLAN_FILE).is_file():
-        plan = load_plan(model_dir)
+        # How many NaN voxels to tolerate is this run's choice, not the model's.
+        plan = dataclasses.replace(load_plan(model_dir), max_nonfinite_fraction=prep.max_nonfinite_fraction)
         log.info("reusing the preprocessing plan in %s", model_dir / PLAN_FILE)
         for name in ("target_spacing", "target_shape"):
             wanted = getattr(prep, name)
