@@ -4,12 +4,13 @@ The interruption tests must kill a run at a chosen place, never after a sleep. T
 variables arm the hook; unset (always, outside tests), ``reached`` costs one dictionary lookup.
 
 - ``COUNTERSEG_KILL_AT=PATTERN[@N]``: fire at the N-th (default 1st) point of this process whose
-  name matches PATTERN (``fnmatch``), e.g. ``step:vqgan@3`` or ``write:latest.pt@2``.
+  name matches PATTERN (``fnmatch``), e.g. ``step:vqgan@3`` or ``write:vqgan/latest.pt@2``.
 - ``COUNTERSEG_KILL_SIGNAL``: ``KILL`` (default), ``TERM``, ``INT`` or ``STOP``.
 
 Points: ``step:<stage>`` after each training step (before its checkpoint is saved);
-``write:<file name>`` halfway through an atomic write (the temporary file is half written, the
-final name untouched); ``calibrate:image`` after each calibration image.
+``write:<folder name>/<file name>`` halfway through an atomic write (the temporary file is half
+written, the final name untouched; NIfTI files: written, not yet renamed); ``calibrate:image``
+after each calibration image.
 """
 from __future__ import annotations
 

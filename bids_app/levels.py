@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
 from bids_app.bids.derivatives import unique_output_names
-from bids_app.bids.images import check_record, inspect_image
+from bids_app.bids.images import check_not_placeholders, check_record, inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BadDataError, BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
@@ -40,6 +40,7 @@ def discover_inputs(settings: RunSettings) -> Inputs:
     selection = settings.selection
     if not bids_layout.is_bids_dataset(bids_dir):
         return _discover_plain_folder(settings)
+    check_not_placeholders(bids_dir)
     if settings.skip_bids_validation:
         log.warning("BIDS validation skipped (--skip-bids-validation)")
     else:

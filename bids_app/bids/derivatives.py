@@ -337,7 +337,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             half = len(data) // 2
             fh.write(data[:half])
             fh.flush()
-            killpoints.reached(f"write:{path.name}")  # test hook: die with a half-written temp file
+            killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: die with a half-written temp
             fh.write(data[half:])
             fh.flush()
     except OSError as exc:
@@ -379,7 +379,7 @@ def save_nifti_atomic(img: Any, path: str | Path) -> Path:
     tmp = _temp_path(path.with_name(path.name[: -len(ext)]), suffix=f".tmp{ext}")
     try:
         nib.save(img, tmp)
-        killpoints.reached(f"write:{path.name}")  # test hook: die with a complete temp file, no final file
+        killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: complete temp, no final file
     except OSError as exc:
         created = tmp.exists()
         _remove_quietly(tmp)

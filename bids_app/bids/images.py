@@ -85,6 +85,15 @@ def inspect_image(path: Path, full: bool = True) -> ImageSummary:
     )
 
 
+def check_not_placeholders(bids_dir: Path) -> None:
+    """A dataset whose every image is a 0-byte placeholder (bids-examples) has no data to process:
+    say so (65) before the validator reports each empty file as a structure error."""
+    images = sorted(p for ext in ("*.nii", "*.nii.gz") for p in Path(bids_dir).glob(f"sub-*/**/{ext}"))
+    if images and all(p.is_file() and p.stat().st_size == 0 for p in images):
+        raise BadDataError(f"{images[0]}: file is empty (0 bytes), not a NIfTI image (all {len(images)} images of "
+                           f"{bids_dir} are empty placeholder files, as in bids-examples: there is no image data)")
+
+
 def check_record(record: "ImageRecord", max_nonfinite_fraction: float) -> None:
     """Every check preprocessing would make on an image and its masks, before any work (65).
 

@@ -91,9 +91,12 @@ def check_header(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, 
 
 def _raw_pixdim(img: nib.spatialimages.SpatialImage) -> np.ndarray:
     """pixdim[1:4] as stored: nibabel silently replaces negative values by their absolute value."""
+    from nibabel.openers import ImageOpener
+
     header = img.header
     try:
-        with nib.openers.ImageOpener(img.file_map["header"].filename) as handle:
+        holder = img.file_map.get("header") or img.file_map["image"]  # .nii files have one "image"
+        with ImageOpener(holder.filename) as handle:
             return np.asarray(type(header).from_fileobj(handle, check=False)["pixdim"][1:4], dtype=np.float64)
     except Exception:  # an in-memory image or a format without pixdim: the parsed header is all there is
         return np.asarray(header.get_zooms()[:3], dtype=np.float64)
