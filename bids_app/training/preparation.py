@@ -54,7 +54,7 @@ def sample_of(record: ImageRecord) -> Sample:
 def prepare_training_data(settings: RunSettings, selection: TrainingSelection) -> PreparedData:
     """Split by participant, fingerprint the training images, derive (or reuse) the plan, and
     preprocess every image once into the work-dir cache so that stages start from cached arrays."""
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.bids.derivatives import atomic_write_json, remove_leftover_temp_files
 
     prep = settings.preprocessing
     train_labels, val_labels = split_participants(
@@ -75,6 +75,7 @@ def prepare_training_data(settings: RunSettings, selection: TrainingSelection) -
     split = {"train": [f"sub-{s}" for s in train_labels], "validation": [f"sub-{s}" for s in val_labels]}
     atomic_write_json(model_dir / SPLIT_FILE, split)
     prepared = PreparedData(plan, fingerprint, tuple(map(sample_of, train)), tuple(map(sample_of, validation)), split)
+    remove_leftover_temp_files(settings.work_dir / "cache")  # a killed run's half-written entries
     train_set, val_set = prepared.datasets(settings.work_dir / "cache", settings.compute.seed)
     for dataset in (train_set, val_set):
         for index in range(len(dataset)):

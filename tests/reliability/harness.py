@@ -76,14 +76,17 @@ class ChildResult:
 def fork_cli(argv: Sequence[object], env: Mapping[str, str] | None = None, until_stopped: bool = False) -> ChildResult:
     """Run ``cli.main(argv)`` in a forked child (this process's imports, no start-up cost) so a kill
     point may SIGKILL it. ``until_stopped``: return as soon as the child stops itself (SIGSTOP);
-    the caller then owns it (``finish_child``)."""
+    the caller then owns it (``finish_child``).
+
+    The child runs torch on one thread (``--omp-nthreads 1``): GNU OpenMP is not fork-safe, and a
+    child entering a parallel region with the thread team of a parent that used one hangs."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 70
         try:
             os.environ.update(env or {})
             killpoints.reset()
-            code = cli.main([str(a) for a in argv])
+            code = cli.main([*(str(a) for a in argv), "--omp-nthreads", "1"])
         finally:
             os._exit(code)
     previous = signal.signal(signal.SIGALRM, _watchdog(pid))
