@@ -110,14 +110,14 @@ def test_group_level_survives_sigkill_in_every_stage(simple_dataset: Path, tmp_p
 def test_group_sigterm_then_sigint_checkpoint_and_exit(simple_dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     out, config = tmp_path / "out", training_config(tmp_path, checkpoint_every=100)
     argv = group_argv(simple_dataset, out, config)
-    for key, point, stage, step in (("group-sigterm", "step:vqgan@2", "vqgan", 2),
-                                    ("group-sigint", "step:diffusion@1", "diffusion", 1)):
+    for item, signal_name, point, stage, step in ((case("group-sigterm"), "TERM", "step:vqgan@2", "vqgan", 2),
+                                                  (case("group-sigint"), "INT", "step:diffusion@1", "diffusion", 1)):
         caplog.clear()
         killpoints.reset()
         monkeypatch.setenv(killpoints.ENV_POINT, point)
-        monkeypatch.setenv(killpoints.ENV_SIGNAL, "TERM" if key == "group-sigterm" else "INT")
-        assert run_cli(*argv) == case(key).exit_code
-        assert_one_error_line(caplog, case(key).message, "rerun the same command to resume")
+        monkeypatch.setenv(killpoints.ENV_SIGNAL, signal_name)
+        assert run_cli(*argv) == item.exit_code
+        assert_one_error_line(caplog, *item.fragments(), "rerun the same command to resume")
         assert load_checkpoint(out / "work" / "checkpoints" / stage / "latest.pt")["step"] == step
         assert not (out / "models" / "model_card.json").exists()
         assert not temp_files(out)
@@ -155,7 +155,7 @@ def test_participant_sigterm_leaves_no_partial_image(dataset_copy: Path, tiny_mo
     killpoints.reset()
     code = run_cli(dataset_copy, out, "participant", "--participant-label", "01", *FAST, *participant_args(tiny_model))
     assert code == case("participant-sigterm").exit_code
-    assert_one_error_line(caplog, case("participant-sigterm").message)
+    assert_one_error_line(caplog, *case("participant-sigterm").fragments())
     assert not [p for p in out.glob("sub-*/**/*") if p.is_file()]
     assert_no_partial_output(out)
     assert tree_digest(dataset_copy) == before
