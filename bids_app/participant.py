@@ -3,7 +3,8 @@
 Per image, in this order: counterfactual, anomaly map (probseg), lesion table, evaluation (when a
 ground-truth lesion mask exists), and the lesion mask last, so an existing mask means the image is
 done: a rerun after a crash skips finished images and redoes the interrupted one (``--overwrite``
-redoes all). Every write is atomic.
+redoes all). Every write is atomic, and an image whose segmentation fails has what it wrote so far
+removed (``bids_app.image_outputs``), so every image is complete or absent.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import numpy as np
 
 from bids_app.bids.derivatives import atomic_write_json, output_relpath, write_derivative
 from bids_app.bids.images import check_fits_plan
-from bids_app.image_outputs import image_outputs
 from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, MissingInputError
+from bids_app.image_outputs import image_outputs
 from bids_app.model_store import TrainedModels, load_trained_models
 from bids_app.pipelines.segment import (
     adapter_for,
