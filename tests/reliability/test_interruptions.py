@@ -57,11 +57,13 @@ def group_argv(bids: Path, out: Path, config: Path) -> list[object]:
     return [bids, out, "group", "--preset", "tiny", "--config", config, *FAST]
 
 
-def training_config(tmp_path: Path, checkpoint_every: int | None = None) -> Path:
+def training_config(tmp_path: Path, checkpoint_every: int | None = None, vqgan_steps: int | None = None) -> Path:
     settings = json.loads(json.dumps(KILL_TRAINING))
     if checkpoint_every:
         for stage in settings["training"].values():
             stage["checkpoint_every"] = checkpoint_every
+    if vqgan_steps:
+        settings["training"]["vqgan"].update(max_steps=vqgan_steps, disc_start=1)
     path = tmp_path / "training.json"
     path.write_text(json.dumps(settings))
     return path
@@ -108,9 +110,9 @@ def test_group_level_survives_sigkill_in_every_stage(simple_dataset: Path, tmp_p
 
 
 def test_group_sigterm_then_sigint_checkpoint_and_exit(simple_dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    out, config = tmp_path / "out", training_config(tmp_path, checkpoint_every=100)
+    out, config = tmp_path / "out", training_config(tmp_path, checkpoint_every=100, vqgan_steps=2)
     argv = group_argv(simple_dataset, out, config)
-    for item, signal_name, point, stage, step in ((case("group-sigterm"), "TERM", "step:vqgan@2", "vqgan", 2),
+    for item, signal_name, point, stage, step in ((case("group-sigterm"), "TERM", "step:vqgan@1", "vqgan", 1),
                                                   (case("group-sigint"), "INT", "step:diffusion@1", "diffusion", 1)):
         caplog.clear()
         killpoints.reset()
@@ -121,7 +123,7 @@ def test_group_sigterm_then_sigint_checkpoint_and_exit(simple_dataset: Path, tmp
         assert load_checkpoint(out / "work" / "checkpoints" / stage / "latest.pt")["step"] == step
         assert not (out / "models" / "model_card.json").exists()
         assert not temp_files(out)
-    assert "vqgan: resuming from step 2" in caplog.text
+    assert "vqgan: resuming from step 1" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run restores the signal handlers"
 
 
