@@ -11,7 +11,6 @@ import random
 import signal
 from pathlib import Path
 
-
 from bids_app import killpoints
 from bids_app.image_outputs import image_outputs
 from bids_app.model_store import load_trained_models
