@@ -18,6 +18,7 @@ from bids_app.errors import (
     CannotCreateError,
     CountersegError,
     ExitCode,
+    RunInterrupted,
     UnknownLevelError,
     UsageError,
 )
@@ -314,6 +315,14 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _run_level(settings: RunSettings, logs: Path, context: Any = None) -> int:
+    """Run the level with SIGTERM/SIGINT handled (see :mod:`bids_app.interruption`)."""
+    from bids_app import interruption
+
+    with interruption.handle_signals():
+        return _run_level_logged(settings, logs, context)
+
+
+def _run_level_logged(settings: RunSettings, logs: Path, context: Any = None) -> int:
     """Run the level; under torchrun only rank 0 writes logs, the run record and the dataset files
     (another rank writes a crash log only when it crashes)."""
     from bids_app import levels, runlog
@@ -338,7 +347,7 @@ def _run_level(settings: RunSettings, logs: Path, context: Any = None) -> int:
         else:
             record.update(levels.run_participant(settings, device))
         log.info("%s level finished in %.1f s", settings.analysis_level, time.time() - started)
-    except CountersegError as exc:
+    except (CountersegError, RunInterrupted) as exc:
         code = _report(exc)
         record["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - the one place a crash becomes exit 1
@@ -367,7 +376,7 @@ def run_demo(outdir: Path, args: argparse.Namespace) -> int:
     return demo.run_demo(outdir, args, _main)
 
 
-def _report(exc: CountersegError) -> int:
+def _report(exc: CountersegError | RunInterrupted) -> int:
     """One line (plus details for multi-line messages) on stderr, and the error's exit code."""
     lines = str(exc).splitlines() or [type(exc).__name__]
     logging.getLogger("bids_app").error("%s (exit %d)", lines[0], int(exc.exit_code))

@@ -75,3 +75,16 @@ class OutputIOError(CountersegError):
     """Writing an output failed midway (disk full, I/O error)."""
 
     exit_code = ExitCode.IO_ERROR
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT stopped the run (exit 128 + signal number).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way up (a
+    report that must never fail the run, a crash-log fallback) can swallow the stop.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + int(signum)

@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
 from bids_app.bids.derivatives import exclusive_lock, unique_output_names
-from bids_app.bids.images import inspect_image
+from bids_app.bids.images import check_not_placeholders, check_record, inspect_image
 from bids_app.bids.validate import validate_bids_dataset
-from bids_app.errors import BidsValidationError
+from bids_app.errors import BadDataError, BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
@@ -48,6 +48,7 @@ def discover_inputs(settings: RunSettings, dist: Distributed = SINGLE) -> Inputs
     selection = settings.selection
     if not bids_layout.is_bids_dataset(bids_dir):
         return _discover_plain_folder(settings)
+    check_not_placeholders(bids_dir)
     if settings.skip_bids_validation:
         log.warning("BIDS validation skipped (--skip-bids-validation)")
     elif dist.is_main:
@@ -83,7 +84,7 @@ def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) ->
         ", ".join(f"sub-{s}" for s in training.participants),
     )
     if dist.is_main:
-        _check_readable(training.images)
+        _check_inputs(training.images, settings)
     prepared = prepare_training_data(settings, training, dist)
     models = train_models(settings, prepared, device, dist)
     record = {
@@ -114,7 +115,8 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
             "level needs BIDS entities to name its outputs; a plain folder of NIfTI files is accepted "
             "for group-level training only"
         )
-    _check_readable(inputs.images)
+    if not settings.report_only:
+        _check_inputs(inputs.images, settings)
     for record in inputs.images:
         log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
                  _short(record.cord_mask), _short(record.lesion_mask))
@@ -183,13 +185,14 @@ def _discover_plain_folder(settings: RunSettings) -> Inputs:
     return Inputs(tuple(images), (), False, training)
 
 
-def _check_readable(records: Sequence[bids_layout.ImageRecord]) -> None:
-    """Every image and mask must decompress fully before work is spent on it (BadDataError, 65)."""
+def _check_inputs(records: Sequence[bids_layout.ImageRecord], settings: RunSettings) -> None:
+    """Every image and mask must pass every input check before work is spent on any (BadDataError, 65)."""
+    empty = [r.image for r in records if r.image.is_file() and r.image.stat().st_size == 0]
+    if empty:
+        raise BadDataError(f"{empty[0]}: file is empty (0 bytes), not a NIfTI image ({len(empty)} of {len(records)} "
+                           "selected images are empty: placeholder files, as in bids-examples, hold no data)")
     for record in records:
-        inspect_image(record.image, full=True)
-        for mask in (record.cord_mask, record.lesion_mask):
-            if mask is not None:
-                inspect_image(mask, full=True)
+        check_record(record, settings.preprocessing.max_nonfinite_fraction)
 
 
 def _describe_inputs(inputs: Inputs, bids_dir: Path) -> dict[str, Any]:

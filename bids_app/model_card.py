@@ -28,6 +28,10 @@ def read_model_card(model_dir: Path) -> dict[str, Any]:
     """The card of a finished model; missing is exit 66, unreadable or incompatible is exit 65."""
     path = Path(model_dir) / MODEL_CARD
     if not path.is_file():
+        if Path(model_dir).is_dir() and any(Path(model_dir).iterdir()):
+            raise MissingInputError(
+                f"the model in {model_dir} is not finished ({MODEL_CARD}, written last, is missing): the group "
+                "level is still training or was interrupted; wait for it to end, or rerun it to resume")
         raise MissingInputError(f"no trained model in {model_dir} ({MODEL_CARD} missing): run the group level first")
     try:
         card = json.loads(path.read_text(encoding="utf-8"))

@@ -3,10 +3,12 @@
 Per image, in this order: counterfactual, anomaly map (probseg), lesion table, evaluation (when a
 ground-truth lesion mask exists), and the lesion mask last, so an existing mask means the image is
 done: a rerun after a crash skips finished images and redoes the interrupted one (``--overwrite``
-redoes all). Every write is atomic.
+redoes all). Every write is atomic, and an image whose segmentation fails has what it wrote so far
+removed (``bids_app.image_outputs``), so every image is complete or absent.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,8 +17,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bids_app.bids.derivatives import atomic_write_json, exclusive_lock, output_relpath, write_derivative
+from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, MissingInputError
+from bids_app.image_outputs import image_outputs
 from bids_app.model_store import TrainedModels, load_trained_models
 from bids_app.pipelines.segment import (
     adapter_for,
@@ -63,18 +67,28 @@ def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibratio
 def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
                    device: str) -> dict[str, Any]:
     models = load_trained_models(settings.model_dir, device)
+    # How many NaN voxels to tolerate is this run's choice, not the model's.
+    models = dataclasses.replace(models, plan=dataclasses.replace(
+        models.plan, max_nonfinite_fraction=settings.preprocessing.max_nonfinite_fraction))
+    for record in images:
+        check_fits_plan(record.image, models.plan)
     calibration = load_calibration(settings, models)
     log.info("threshold %.4g (%s)", calibration.threshold, calibration.source)
     done, skipped, evaluations = [], [], []
     for number, record in enumerate(images, 1):
-        mask_path = settings.output_dir / output_relpath(record.relpath, "lesion_mask", disambiguate.get(record.relpath, False))
-        if mask_path.is_file() and not settings.segmentation.overwrite:
+        outputs = image_outputs(settings.output_dir, record.relpath, disambiguate.get(record.relpath, False))
+        if outputs.done and not settings.segmentation.overwrite:
             log.info("[%d/%d] %s: outputs exist, skipped (--overwrite redoes them)", number, len(images), record.relpath)
             skipped.append(record.relpath)
-            evaluations.extend(_existing_evaluation(mask_path, record))
+            evaluations.extend(_existing_evaluation(outputs.mask, record))
             continue
         log.info("[%d/%d] %s: segmenting", number, len(images), record.relpath)
-        evaluation = segment_one(settings, models, calibration, record, disambiguate.get(record.relpath, False), device)
+        outputs.begin()
+        try:
+            evaluation = segment_one(settings, models, calibration, record, disambiguate.get(record.relpath, False), device)
+        except BaseException:
+            outputs.discard()
+            raise
         if evaluation is not None:
             evaluations.append(evaluation)
         done.append(record.relpath)
@@ -142,10 +156,9 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
     out = settings.output_dir
     write_derivative(source.to_nifti(mean_counterfactual(result), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
     write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
-    mask_rel = output_relpath(record.relpath, "lesion_mask", disambiguate)
-    stem = name_parts(Path(record.relpath).name)[0]  # sub-01_ses-1_T2w: unique across contrasts
+    paths = image_outputs(out, record.relpath, disambiguate)
     rows = lesion_table(mask, probability, source.affine)
-    write_lesion_tsv(out / mask_rel.parent / f"{stem}_lesions.tsv", rows)
+    write_lesion_tsv(paths.lesion_table, rows)
     voxel_volume = float(np.prod(result.spacing_mm))
     evaluation: dict[str, Any] | None = {"image": record.relpath, "n_lesions": len(rows),
                                          "lesion_volume_mm3": float(mask.sum() * voxel_volume),
@@ -155,7 +168,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
         evaluation.update(evaluate(mask, probability, truth, result.region, voxel_volume))
     else:
         evaluation.update(healthy_false_positive(mask, voxel_volume))
-    atomic_write_json(out / mask_rel.parent / f"{stem}_evaluation.json", evaluation)
+    atomic_write_json(paths.evaluation, evaluation)
     if seg.strength_sweep:
         _write_sweep(settings, models, record, device)
     write_derivative(source.to_nifti(mask, "mask"), record.relpath, "lesion_mask", out, extra, disambiguate)

@@ -69,7 +69,7 @@ class PreprocessingSettings:
     percentiles: tuple[float, ...] = (0.5, 99.5)
     image_order: int = 1
     mask_interpolation: str = "nearest"
-    max_nonfinite_fraction: float = 0.001
+    max_nonfinite_fraction: float = 0.0
     validation_fraction: float = 0.2
 
 

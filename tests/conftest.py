@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -11,11 +12,14 @@ from bids_app.synthetic import generate_dataset
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """SHA-256 of every file (and the list of folders) under root: proves a tree is unchanged."""
+    """SHA-256 of every file (and the list of folders, and where each symlink points) under root:
+    proves a tree is unchanged."""
     digest: dict[str, str] = {}
     for path in sorted(Path(root).rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_dir():
+        if path.is_symlink():
+            digest[rel] = f"symlink to {os.readlink(path)}"
+        elif path.is_dir():
             digest[rel + "/"] = "dir"
         else:
             digest[rel] = hashlib.sha256(path.read_bytes()).hexdigest()

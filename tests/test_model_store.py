@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bids_app import cli
-from bids_app.errors import BadDataError, MissingInputError
+from bids_app.errors import BadDataError
 from bids_app.model_card import compatible, read_model_card
 from bids_app.model_store import load_trained_models
 
@@ -36,12 +36,6 @@ def test_finished_model_loads_and_matches_its_card(trained: Path) -> None:
     assert not models.vqgan.training and not models.unet.training
     latent = models.vqgan.encode(torch.zeros(1, 1, 32, 32, 32))
     assert models.unet(latent, torch.tensor([10])).shape == latent.shape
-
-
-def test_missing_card_is_exit_66(model_copy: Path) -> None:
-    (model_copy / "model_card.json").unlink()
-    with pytest.raises(MissingInputError, match="run the group level first"):
-        load_trained_models(model_copy)
 
 
 def test_tampered_weights_are_refused(model_copy: Path) -> None:

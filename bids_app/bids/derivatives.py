@@ -40,6 +40,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from bids_app import killpoints
 from bids_app.errors import CannotCreateError, OutputIOError
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,39 @@ def _temp_path(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
+#: What ``_temp_path`` makes: ``.<final name>.<pid>.<8 hex>.tmp[.nii[.gz]]``.
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.\d+\.[0-9a-f]{8}\.tmp(?P<ext>\.nii(?:\.gz)?)?$")
+
+
+def temp_file_target(name: str) -> str | None:
+    """The final file name a temporary file of ours was for, or None for any other file."""
+    match = _TEMP_RE.match(name)
+    return None if match is None else match["final"] + (match["ext"] or "")
+
+
+def remove_leftover_temp_files(directory: str | Path, finals: Iterable[str] | None = None,
+                               recursive: bool = False) -> list[Path]:
+    """Remove temporary files a killed process left behind (SIGKILL runs no cleanup).
+
+    Only a process that owns the targets may call this: the group level for its model and
+    checkpoint folders, the participant level for the outputs of the image it is about to redo.
+    ``finals`` limits the sweep to temporary files of those final names.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    wanted = set(finals) if finals is not None else None
+    removed = []
+    for path in directory.rglob(".*") if recursive else directory.glob(".*"):
+        target = temp_file_target(path.name)
+        if target is not None and (wanted is None or target in wanted) and path.is_file():
+            _remove_quietly(path)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), directory)
+    return removed
+
+
 def _error(path: Path, exc: OSError, creating: bool) -> Exception:
     """Map an OSError to the exit-code exception: cannot create (73) vs I/O failure (74)."""
     reason = exc.strerror or str(exc)
@@ -301,7 +335,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise _error(path, exc, creating=True) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            half = len(data) // 2
+            fh.write(data[:half])
+            fh.flush()
+            killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: die with a half-written temp
+            fh.write(data[half:])
             fh.flush()
     except OSError as exc:
         _remove_quietly(tmp)
@@ -342,6 +380,7 @@ def save_nifti_atomic(img: Any, path: str | Path) -> Path:
     tmp = _temp_path(path.with_name(path.name[: -len(ext)]), suffix=f".tmp{ext}")
     try:
         nib.save(img, tmp)
+        killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: complete temp, no final file
     except OSError as exc:
         created = tmp.exists()
         _remove_quietly(tmp)

@@ -1,18 +1,32 @@
-"""Check that input images can be read before any work is spent on them.
+"""Check input images and masks before any work is spent on them, and name the file at fault.
 
-A truncated ``.nii.gz`` often has a readable header, so a full check decompresses the data; the
-cheap check (``full=False``, used by ``--dry-run``) reads the header only.
+A truncated ``.nii.gz`` often has a readable header, so the full check decompresses the data; the
+cheap check (``full=False``, used by ``--dry-run``) reads the header only. ``check_record`` applies
+every check of the preprocessing pipeline up front (dimensions, voxel sizes, affine, NaN/Inf, mask
+grids), so a bad file in a run over many images fails the run before the first image is processed,
+not hours later, and nothing is written.
 """
 from __future__ import annotations
 
+import gzip
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from bids_app.errors import BadDataError
 
+if TYPE_CHECKING:
+    from bids_app.bids.layout import ImageRecord
+    from bids_app.preprocessing.plan import PreprocessingPlan
+
 log = logging.getLogger(__name__)
+
+NIFTI1_HEADER_SIZE = 348
 
 
 @dataclass(frozen=True)
@@ -30,12 +44,14 @@ class ImageSummary:
         return f"{shape} vox, {zooms} mm, {self.axcodes}, {self.dtype}"
 
 
-def inspect_image(path: Path, full: bool = True) -> ImageSummary:
-    """Load the header (and with ``full`` all voxels) of a NIfTI file, or raise BadDataError (65)."""
+def open_image(path: Path):
+    """The nibabel image (header read, voxels not yet), or BadDataError saying what the file is instead."""
     import nibabel as nib
-    import numpy as np
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BadDataError(f"{path}: broken symbolic link to {os.readlink(path)} (a DataLad/git-annex file "
+                           "whose content was not retrieved? run 'datalad get')")
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -43,12 +59,19 @@ def inspect_image(path: Path, full: bool = True) -> ImageSummary:
     if size == 0:
         raise BadDataError(f"{path}: file is empty (0 bytes), not a NIfTI image")
     try:
-        img = nib.load(str(path))
-        header = img.header
-        if full:
-            np.asanyarray(img.dataobj)
+        return nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as exc:
-        raise BadDataError(f"{path}: cannot read NIfTI image ({_reason(exc)})") from exc
+        raise BadDataError(f"{path}: cannot read NIfTI image ({_reason(exc, path)})") from exc
+
+
+def inspect_image(path: Path, full: bool = True) -> ImageSummary:
+    """Load the header (and with ``full`` all voxels) of a NIfTI file, or raise BadDataError (65)."""
+    import nibabel as nib
+
+    img = open_image(path)
+    header = img.header
+    if full:
+        _decompress(img, Path(path))
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
     try:
         axcodes = "".join(nib.aff2axcodes(img.affine))
@@ -62,8 +85,85 @@ def inspect_image(path: Path, full: bool = True) -> ImageSummary:
     )
 
 
-def _reason(exc: BaseException) -> str:
+def check_not_placeholders(bids_dir: Path) -> None:
+    """A dataset whose every image is a 0-byte placeholder (bids-examples) has no data to process:
+    say so (65) before the validator reports each empty file as a structure error."""
+    images = sorted(p for ext in ("*.nii", "*.nii.gz") for p in Path(bids_dir).glob(f"sub-*/**/{ext}"))
+    if images and all(p.is_file() and p.stat().st_size == 0 for p in images):
+        raise BadDataError(f"{images[0]}: file is empty (0 bytes), not a NIfTI image (all {len(images)} images of "
+                           f"{bids_dir} are empty placeholder files, as in bids-examples: there is no image data)")
+
+
+def check_record(record: "ImageRecord", max_nonfinite_fraction: float) -> None:
+    """Every check preprocessing would make on an image and its masks, before any work (65).
+
+    Cord masks may be soft (``*_softseg``): values other than 0/1 are binarised at 0.5 with a
+    warning, but an empty cord mask is an error (a failed segmentation upstream). A lesion mask is
+    ground truth: it must hold 0 and 1 only.
+    """
+    from bids_app.preprocessing.pipeline import check_header, check_mask_grid, check_nonfinite, load_voxels
+
+    img = open_image(record.image)
+    shape = check_header(img, record.image)
+    check_nonfinite(_decompress(img, record.image, load_voxels), record.image, max_nonfinite_fraction)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    masks = {"cord": record.cord_mask, "lesion": record.lesion_mask}
+    if record.control_mask is not None and record.control_mask != record.cord_mask:
+        masks["control"] = record.control_mask
+    for role, path in masks.items():
+        if path is None:
+            continue
+        mask_img = open_image(path)
+        check_mask_grid(mask_img, path, role, record.image, shape, affine)
+        data = _decompress(mask_img, path, load_voxels)
+        if not np.all(np.isfinite(data)):
+            raise BadDataError(f"{path}: {role} mask has NaN or infinite values")
+        if role == "cord" and not np.any(data > 0.5):
+            raise BadDataError(f"{path}: cord mask is empty (no voxel above 0.5): a failed cord segmentation? "
+                               "fix or remove it (without one the whole body foreground is searched)")
+        if role == "lesion":
+            other = np.unique(data[(data != 0) & (data != 1)])
+            if other.size:
+                shown = ", ".join(f"{v:g}" for v in other[:3]) + (", ..." if other.size > 3 else "")
+                raise BadDataError(f"{path}: lesion mask has values other than 0 and 1 ({shown}); a label map or "
+                                   "a soft segmentation? binarise it")
+
+
+def check_fits_plan(path: Path, plan: "PreprocessingPlan") -> None:
+    """The image must not be far smaller than the model's field of view (65)."""
+    from bids_app.preprocessing.pipeline import check_field_of_view
+
+    check_field_of_view(open_image(path), Path(path), plan)
+
+
+def _decompress(img, path: Path, load=None):
+    """All voxels (``load(img, path)`` when given); a truncated or corrupt stream is bad data."""
+    import nibabel as nib
+
+    try:
+        return load(img, path) if load is not None else np.asanyarray(img.dataobj)
+    except BadDataError:
+        raise
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as exc:
+        raise BadDataError(f"{path}: cannot read NIfTI image ({_reason(exc, path)})") from exc
+
+
+def _reason(exc: BaseException, path: Path | None = None) -> str:
     text = str(exc).strip().splitlines()
     if isinstance(exc, EOFError) or "end-of-stream" in str(exc) or "Compressed file ended" in str(exc):
         return "file is truncated"
+    if path is not None and "Cannot work out file type" in str(exc) and _is_gzip(path):
+        return "gzip-compressed, but not a NIfTI file inside"
     return text[0] if text else type(exc).__name__
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                return False
+        with gzip.open(path, "rb") as handle:
+            handle.read(NIFTI1_HEADER_SIZE)
+        return True
+    except (OSError, EOFError, zlib.error):
+        return False

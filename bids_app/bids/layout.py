@@ -67,8 +67,28 @@ class TrainingSelection:
 
 
 def is_bids_dataset(bids_dir: Path) -> bool:
-    """A BIDS dataset has a ``dataset_description.json`` at its root."""
-    return (Path(bids_dir) / "dataset_description.json").is_file()
+    """A BIDS dataset has a ``dataset_description.json`` at its root.
+
+    Raises BidsValidationError (16) for one that is not a JSON object, and for a folder laid out
+    as BIDS (``sub-*`` folders or ``participants.tsv``) that lacks it: treating such a dataset as a
+    plain folder of images would train on its masks and its lesion participants.
+    """
+    bids_dir = Path(bids_dir)
+    path = bids_dir / "dataset_description.json"
+    if not path.is_file():
+        looks_bids = (bids_dir / "participants.tsv").is_file() or any(
+            p.is_dir() for p in bids_dir.glob("sub-*"))
+        if looks_bids:
+            raise BidsValidationError(f"{path}: missing: {bids_dir} is laid out as a BIDS dataset (sub-* folders, "
+                                      "participants.tsv) but has no dataset_description.json")
+        return False
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BidsValidationError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(description, dict):
+        raise BidsValidationError(f"{path}: expected a JSON object, got {type(description).__name__}")
+    return True
 
 
 def strip_prefix(label: str, prefix: str) -> str:
@@ -115,7 +135,22 @@ def load_bids_filters(path: Path) -> dict[str, Any]:
     for key, query in data.items():
         if not isinstance(query, dict):
             raise UsageError(f"--bids-filter-file {path}: {key!r} must map entities to values")
+        for entity, value in query.items():
+            for item in value if isinstance(value, list) else [value]:
+                _check_filter_value(path, entity, item)
     return data
+
+
+def _check_filter_value(path: Path, entity: str, value: Any) -> None:
+    """Filter values select files; one that looks like a path (``../``, ``/``) is refused outright, so
+    no value from a filter file can ever reach a path the app builds."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return
+    if not isinstance(value, str):
+        raise UsageError(f"--bids-filter-file {path}: {entity!r}: expected a label, null or \"*\", got {value!r}")
+    if "/" in value or "\\" in value or ".." in value or "\0" in value:
+        raise UsageError(f"--bids-filter-file {path}: {entity!r} value {value!r} looks like a path "
+                         "('..', '/'): filter values are BIDS labels")
 
 
 def query_from_filters(filters: Mapping[str, Any], known_entities: Iterable[str]) -> dict[str, Any]:
@@ -292,10 +327,20 @@ def read_participants(bids_dir: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if not reader.fieldnames or "participant_id" not in reader.fieldnames:
-            raise BidsValidationError(f"{path}: no participant_id column")
-        return {strip_prefix(row["participant_id"], "sub-"): row for row in reader}
+        rows = list(csv.reader(handle, delimiter="\t"))
+    header = rows[0] if rows else []
+    if "participant_id" not in header:
+        raise BidsValidationError(f"{path}: no participant_id column")
+    table = {}
+    for number, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise BidsValidationError(f"{path}: line {number} has {len(row)} column(s), the header has "
+                                      f"{len(header)}; every row needs one value per column (n/a when unknown)")
+        values = dict(zip(header, row))
+        table[strip_prefix(values["participant_id"], "sub-")] = values
+    return table
 
 
 def select_training(

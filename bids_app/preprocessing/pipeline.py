@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 CORD = "cord"  # the mask name that centres the crop window
 AFFINE_ATOL_MM = 1e-4  # masks written by other tools carry float32-rounded affines
+#: Plausible voxel sizes of spinal-cord MRI; outside, the header is wrong (often its units), and
+#: resampling a 100 mm grid to 1 mm would ask for 10^6 times the memory.
+VOXEL_MM_RANGE = (0.01, 20.0)
+#: Largest input grid loaded (2^28 voxels: 1 GiB as float32, several copies while preprocessing).
+MAX_INPUT_VOXELS = 2 ** 28
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,13 +73,57 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     return tuple(int(s) for s in shape[:3])  # type: ignore[return-value]
 
 
+def check_header(img: nib.spatialimages.SpatialImage, path: Path) -> tuple[int, int, int]:
+    """Everything the header alone can show wrong (before any voxel is read): dimensions, grid size,
+    voxel sizes, affine. Returns the 3D grid shape."""
+    shape = _spatial_shape(tuple(img.shape), path)
+    count = int(np.prod(shape))
+    if count > MAX_INPUT_VOXELS:
+        raise BadDataError(f"{path}: image grid {'x'.join(map(str, shape))} has {count} voxels, more than the "
+                           f"{MAX_INPUT_VOXELS} counterseg loads; crop or downsample it first")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise BadDataError(f"{path}: the affine (qform/sform) has non-finite entries")
+    _check_voxel_sizes(img, affine, path)
+    _check_affine(affine, path)
+    return shape
+
+
+def _raw_pixdim(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """pixdim[1:4] as stored: nibabel silently replaces negative values by their absolute value."""
+    from nibabel.openers import ImageOpener
+
+    header = img.header
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # .nii files have one "image"
+        with ImageOpener(holder.filename) as handle:
+            return np.asarray(type(header).from_fileobj(handle, check=False)["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # an in-memory image or a format without pixdim: the parsed header is all there is
+        return np.asarray(header.get_zooms()[:3], dtype=np.float64)
+
+
+def _check_voxel_sizes(img: nib.spatialimages.SpatialImage, affine: np.ndarray, path: Path) -> None:
+    for axis, size in enumerate(_raw_pixdim(img), 1):
+        if not size > 0:
+            raise BadDataError(f"{path}: voxel size {size:g} mm along axis {axis} (header pixdim[{axis}]) "
+                               "is not positive")
+    low, high = VOXEL_MM_RANGE
+    for axis, size in enumerate(np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0)), 1):
+        if size <= 0:
+            raise BadDataError(f"{path}: voxel size 0 mm along axis {axis} in the affine (qform/sform)")
+        if not low <= size <= high:
+            raise BadDataError(f"{path}: voxel size {size:.4g} mm along axis {axis} is outside the plausible "
+                               f"range {low:g}-{high:g} mm of spinal-cord MRI (wrong units in the header?)")
+
+
 def _load_data(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
     """All voxels as float32 with scl_slope/scl_inter applied, squeezed to 3D."""
     shape = _spatial_shape(tuple(img.shape), path)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (EOFError, OSError, zlib.error, ValueError) as exc:
-        raise BadDataError(f"{path}: cannot read the voxel data ({exc})") from exc
+        truncated = isinstance(exc, EOFError) or "Compressed file ended" in str(exc)
+        raise BadDataError(f"{path}: cannot read the voxel data ({'file is truncated' if truncated else exc})") from exc
     return data.reshape(shape)
 
 
@@ -89,19 +138,31 @@ def _check_affine(affine: np.ndarray, path: Path) -> None:
                            "valid world orientation")
 
 
-def _repair_nonfinite(data: np.ndarray, path: Path, plan: PreprocessingPlan) -> int:
-    """Replace a few NaN/Inf voxels by the background (low-percentile) value in place; count them.
+def check_nonfinite(data: np.ndarray, path: Path, max_fraction: float) -> np.ndarray:
+    """The NaN/Inf voxels of an image (a boolean array); more than ``max_fraction`` is bad data.
 
-    A few bad voxels (a reconstruction glitch) should not stop a run; many mean the file is broken.
+    By default (0) any NaN or infinite voxel is an error naming the file and the count: a silent
+    repair would hide a broken reconstruction. ``preprocessing.max_nonfinite_fraction`` lets a
+    few be replaced by the background instead, with a warning.
     """
     bad = ~np.isfinite(data)
     count = int(bad.sum())
+    if count and (count / data.size > max_fraction or count == data.size):
+        n_nan = int(np.isnan(data).sum())
+        allowed = (f"at most {max_fraction:.3%} may be replaced by the background" if max_fraction
+                   else "none is replaced unless allowed")
+        raise BadDataError(
+            f"{path}: {count} of {data.size} voxels ({count / data.size:.3%}) are not finite ({n_nan} NaN, "
+            f"{count - n_nan} infinite); {allowed} (preprocessing.max_nonfinite_fraction in a --config file)")
+    return bad
+
+
+def _repair_nonfinite(data: np.ndarray, path: Path, plan: PreprocessingPlan) -> int:
+    """Replace the (few, allowed) NaN/Inf voxels by the background (low-percentile) value in place."""
+    bad = check_nonfinite(data, path, plan.max_nonfinite_fraction)
+    count = int(bad.sum())
     if count == 0:
         return 0
-    fraction = count / data.size
-    if fraction > plan.max_nonfinite_fraction or count == data.size:
-        raise BadDataError(f"{path}: {count} of {data.size} voxels ({fraction:.3%}) are NaN or infinite; "
-                           f"at most {plan.max_nonfinite_fraction:.3%} are allowed")
     fill = float(np.percentile(data[~bad], plan.percentiles[0]))
     data[bad] = fill
     logger.warning("%s: replaced %d NaN/infinite voxel(s) by the background value %.4g", path, count, fill)
@@ -112,15 +173,7 @@ def _load_mask(path: Path, name: str, image_path: Path, shape: tuple[int, int, i
                affine: np.ndarray) -> np.ndarray:
     """A 0/1 uint8 mask on the image's grid; a different grid is bad data, other values warn."""
     img = _read(path)
-    mask_shape = tuple(img.shape)
-    if len(mask_shape) < 3 or _spatial_shape(mask_shape, path) != shape:
-        raise BadDataError(f"{path}: {name} mask shape {mask_shape} does not match the shape {shape} "
-                           f"of image {image_path}")
-    maffine = np.asarray(img.affine, dtype=np.float64)
-    if not np.allclose(maffine, affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
-        diff = float(np.max(np.abs(maffine - affine)))
-        raise BadDataError(f"{path}: {name} mask affine differs from the affine of image {image_path} "
-                           f"(largest difference {diff:.4g}); the mask is not on the image grid")
+    check_mask_grid(img, path, name, image_path, shape, affine)
     data = _load_data(img, path)
     binary = (data == 0) | (data == 1)
     if not np.all(binary):
@@ -128,6 +181,48 @@ def _load_mask(path: Path, name: str, image_path: Path, shape: tuple[int, int, i
         logger.warning("%s: %s mask has %d voxel(s) with values other than 0 and 1 (e.g. %s); "
                        "binarised at > 0.5", path, name, int((~binary).sum()), values[:3].tolist())
     return (data > 0.5).astype(np.uint8)
+
+
+def check_mask_grid(img: nib.spatialimages.SpatialImage, path: Path, name: str, image_path: Path,
+                    shape: tuple[int, ...], affine: np.ndarray) -> None:
+    """A mask must be on its image's grid: same shape and affine (BadDataError otherwise)."""
+    mask_shape = tuple(img.shape)
+    if len(mask_shape) < 3 or _spatial_shape(mask_shape, path) != tuple(shape):
+        raise BadDataError(f"{path}: {name} mask shape {mask_shape} does not match the shape {tuple(shape)} "
+                           f"of image {image_path}")
+    maffine = np.asarray(img.affine, dtype=np.float64)
+    if not np.allclose(maffine, affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
+        diff = float(np.max(np.abs(maffine - affine)))
+        raise BadDataError(f"{path}: {name} mask affine differs from the affine of image {image_path} "
+                           f"(largest difference {diff:.4g}); the mask is not on the image grid")
+
+
+#: An image narrower than this fraction of the model's window along an axis is refused: the model
+#: would see mostly padding. Larger images are fine: the crop keeps the window around the cord.
+MIN_FOV_FRACTION = 0.25
+
+
+def check_field_of_view(img: nib.spatialimages.SpatialImage, path: Path, plan: PreprocessingPlan) -> None:
+    """Refuse an image far smaller than the model's field of view (BadDataError)."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    sizes = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    world_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    fov = np.zeros(3)
+    for axis in range(3):
+        fov[world_axis[axis]] = img.shape[axis] * sizes[axis]
+    window = np.asarray(plan.target_shape, dtype=float) * np.asarray(plan.target_spacing, dtype=float)
+    narrow = [name for name, f, w in zip("RAS", fov, window) if f < MIN_FOV_FRACTION * w]
+    if narrow:
+        def mm(values: np.ndarray) -> str:
+            return "x".join(f"{v:.3g}" for v in values)
+
+        raise BadDataError(f"{path}: field of view {mm(fov)} mm is under a quarter of the model's {mm(window)} mm "
+                           f"window along {'/'.join(narrow)}: far too small an image for this model")
+
+
+def load_voxels(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    """All voxels as a 3D float32 array (scaling applied), or BadDataError for unreadable data."""
+    return _load_data(img, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,9 +266,9 @@ def preprocess(image_path: Path, plan: PreprocessingPlan,
     """
     image_path = Path(image_path)
     img = _read(image_path)
+    check_header(img, image_path)
     data = _load_data(img, image_path)
     affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(affine, image_path)
     trace = Trace(SourceGeometry.from_image(img, str(image_path)))
     trace.nonfinite_replaced = _repair_nonfinite(data, image_path, plan)
 

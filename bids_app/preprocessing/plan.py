@@ -25,7 +25,8 @@ class PreprocessingPlan:
     ``target_spacing`` and ``target_shape`` are in RAS voxel-axis order (after reorientation).
     Intensities map the per-image ``percentiles`` to [-1, 1] with clipping. Images with a
     non-finite fraction up to ``max_nonfinite_fraction`` get those voxels replaced (and a warning);
-    more is an error.
+    more is an error. The default 0 makes any NaN/Inf voxel an error; the fraction is a run setting
+    (``preprocessing.max_nonfinite_fraction``) that each run applies to the plan it uses.
     """
 
     target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -33,7 +34,7 @@ class PreprocessingPlan:
     image_order: int = 1
     mask_interpolation: str = "nearest"
     percentiles: tuple[float, float] = (0.5, 99.5)
-    max_nonfinite_fraction: float = 0.001
+    max_nonfinite_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from bids_app import killpoints
 from bids_app.data import Sample
 from bids_app.model_store import TrainedModels
 from bids_app.pipelines.segment import adapter_for, counterfactual_settings, native_residual, residual_settings
@@ -47,6 +48,7 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
         residuals.append(result.residual)
         regions.append(result.region)
         log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
+        killpoints.reached("calibrate:image")
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile)
     return calibration
 

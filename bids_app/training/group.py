@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from bids_app.bids.derivatives import atomic_write_json
+from bids_app.bids.derivatives import atomic_write_json, remove_leftover_temp_files
 from bids_app.data import AugmentationSettings, TrainingVolumes
 from bids_app.models.adapter import AdapterConfig
 from bids_app.training.adapter import AdapterStage
@@ -54,6 +54,8 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str,
     model_dir, seed = settings.model_dir, settings.compute.seed
     if dist.is_main:
         (model_dir / MODEL_CARD).unlink(missing_ok=True)  # re-written last, once every component is final
+        remove_leftover_temp_files(model_dir, recursive=True)  # a killed run's half-written files
+        remove_leftover_temp_files(settings.work_dir / "checkpoints", recursive=True)
     dist.barrier()  # every rank decides below from the same files
     figures = model_dir / "figures" if dist.is_main else None
     cache = settings.work_dir / "cache"

@@ -3,6 +3,8 @@
 Read top to bottom (as nanoGPT's train.py): ``run_stage`` resumes from the stage's latest
 checkpoint when there is one, runs ``stage.train_step(step)`` until ``max_steps`` or the wall-clock
 budget, logs losses to ``losses.jsonl`` and checkpoints atomically every ``checkpoint_every`` steps.
+SIGTERM/SIGINT during the loop end the current step, save a checkpoint and raise ``RunInterrupted``
+(``bids_app.interruption``).
 A stage that draws its data order and noise from its own seeded generator, whose state is in the
 checkpoint, resumes bitwise identically on CPU.
 
@@ -25,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
+from bids_app import interruption, killpoints
 from bids_app.errors import UsageError
 from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
 from bids_app.training.distributed import SINGLE, Distributed
@@ -87,10 +90,11 @@ def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, dist: Distribu
     metrics: dict[str, float] = {}
     stopped_by = "max_steps"
     step = start
-    with _progress(stage.name, start, budget.max_steps, is_main) as progress:
+    with _progress(stage.name, start, budget.max_steps, is_main) as progress, interruption.deferred() as stop:
         while step < budget.max_steps:
             metrics = stage.train_step(step)
             step += 1
+            killpoints.reached(f"step:{stage.name}")
             elapsed = time.monotonic() - started
             out_of_time = budget.max_time_s is not None and dist.any(elapsed >= budget.max_time_s)
             if is_main:
@@ -101,8 +105,11 @@ def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, dist: Distribu
                     eta = (budget.max_steps - step) / max(rate, 1e-9)
                     log.info("%s step %d/%d %s (%.2f it/s, ETA %s)", stage.name, step, budget.max_steps,
                              _format(metrics), rate, _duration(eta))
-            if is_main and (step % budget.checkpoint_every == 0 or step == budget.max_steps or out_of_time):
+            if is_main and (step % budget.checkpoint_every == 0 or step == budget.max_steps or out_of_time
+                            or stop.requested):
                 save_checkpoint(checkpoint, {"step": step, "stage": stage.state_dict()})
+            if stop.requested:
+                raise stop.error(f"{stage.name} saved a checkpoint at step {step} ({checkpoint})")
             if out_of_time and step < budget.max_steps:
                 stopped_by = "max_time"
                 log.warning("%s: wall-clock budget of %.0f s reached at step %d", stage.name, budget.max_time_s, step)

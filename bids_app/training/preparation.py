@@ -5,11 +5,13 @@ them back); the split is recorded so calibration can use held-out healthy partic
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, TrainingSelection
 from bids_app.data import Sample, TrainingVolumes, split_participants
 from bids_app.preprocessing.fingerprint import (
@@ -63,7 +65,7 @@ def prepare_training_data(settings: RunSettings, selection: TrainingSelection,
 
 
 def _prepare(settings: RunSettings, selection: TrainingSelection) -> PreparedData:
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.bids.derivatives import atomic_write_json, remove_leftover_temp_files
 
     prep = settings.preprocessing
     train_labels, val_labels = split_participants(
@@ -76,12 +78,15 @@ def _prepare(settings: RunSettings, selection: TrainingSelection) -> PreparedDat
     fingerprint = compute_fingerprint([(r.image, r.cord_mask, r.relpath) for r in train])
     model_dir = settings.model_dir
     plan = _plan(settings, fingerprint, model_dir)
+    for record in selection.images:
+        check_fits_plan(record.image, plan)
     model_dir.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fingerprint, model_dir)
     save_plan(plan, model_dir)
     split = {"train": [f"sub-{s}" for s in train_labels], "validation": [f"sub-{s}" for s in val_labels]}
     atomic_write_json(model_dir / SPLIT_FILE, split)
     prepared = PreparedData(plan, fingerprint, tuple(map(sample_of, train)), tuple(map(sample_of, validation)), split)
+    remove_leftover_temp_files(settings.work_dir / "cache")  # a killed run's half-written entries
     train_set, val_set = prepared.datasets(settings.work_dir / "cache", settings.compute.seed)
     for dataset in (train_set, val_set):
         for index in range(len(dataset)):
@@ -95,7 +100,8 @@ def _plan(settings: RunSettings, fingerprint: Fingerprint, model_dir: Path) -> P
     derive one from the fingerprint and the settings."""
     prep = settings.preprocessing
     if (model_dir / PLAN_FILE).is_file():
-        plan = load_plan(model_dir)
+        # How many NaN voxels to tolerate is this run's choice, not the model's.
+        plan = dataclasses.replace(load_plan(model_dir), max_nonfinite_fraction=prep.max_nonfinite_fraction)
         log.info("reusing the preprocessing plan in %s", model_dir / PLAN_FILE)
         for name in ("target_spacing", "target_shape"):
             wanted = getattr(prep, name)

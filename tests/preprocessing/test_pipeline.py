@@ -272,7 +272,7 @@ def test_bad_data_names_the_file(phantoms: SyntheticDataset, tmp_path: Path, cas
         bad = data.copy()
         bad.reshape(-1)[::50] = np.nan  # 2 % of the voxels
         save(path, bad, affine)
-        message = "NaN or infinite"
+        message = "are not finite (461 NaN, 0 infinite)"
     elif case == "singular":
         flat = affine.copy()
         flat[:3, 2] = flat[:3, 1]
@@ -296,14 +296,16 @@ def test_bad_data_names_the_file(phantoms: SyntheticDataset, tmp_path: Path, cas
     assert info.value.exit_code == ExitCode.BAD_DATA
 
 
-def test_a_few_nans_warn_and_are_replaced(phantoms: SyntheticDataset, tmp_path: Path,
+def test_a_few_nans_are_an_error_unless_allowed_then_replaced(phantoms: SyntheticDataset, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
     data, affine = phantom_grid(phantoms)
     bad = data.copy()
     bad[3, 4, 5], bad[10, 10, 10], bad[0, 0, 0] = np.nan, np.inf, -np.inf
     path = save(tmp_path / "few.nii.gz", bad, affine)
+    with pytest.raises(BadDataError, match=r"3 of \d+ voxels .* \(1 NaN, 2 infinite\); none is replaced"):
+        preprocess(path, PreprocessingPlan(**RESAMPLED))
     with caplog.at_level(logging.WARNING):
-        pre = preprocess(path, PreprocessingPlan(**RESAMPLED))
+        pre = preprocess(path, PreprocessingPlan(max_nonfinite_fraction=0.001, **RESAMPLED))
     assert str(path) in caplog.text and "replaced 3 NaN" in caplog.text
     assert pre.trace.nonfinite_replaced == 3
     assert np.all(np.isfinite(pre.image))

@@ -1,0 +1,109 @@
+"""The reliability catalogue: every case of bad input, interruption, concurrency and security, with
+the exit code and the message a user gets. The tests check each row; the README's Reliability
+table must equal ``markdown_table()`` (``tests/reliability/test_readme.py``), so the two never drift.
+
+Print the table for the README with ``python -m tests.reliability.catalogue``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bids_app.errors import ExitCode
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    case: str  # what a user did or has (README "case" column)
+    exit_code: int
+    message: str  # what the error line (exit 0: the log) says; "…" stands for run-specific text
+
+    def fragments(self) -> list[str]:
+        return [part.strip() for part in self.message.split("…") if part.strip()]
+
+
+def _c(key: str, case: str, code: int, message: str) -> Case:
+    return Case(key, case, int(code), message)
+
+
+BAD_DATA, VALIDATION, MISSING = ExitCode.BAD_DATA, ExitCode.VALIDATION, ExitCode.MISSING_INPUT
+
+#: Bad input. The error line names the file at fault (most start with its path).
+BAD_INPUT = (
+    _c("empty-image", "0-byte `.nii.gz` image", BAD_DATA, "file is empty (0 bytes), not a NIfTI image"),
+    _c("truncated-image", "truncated `.nii.gz` image", BAD_DATA, "file is truncated"),
+    _c("gzip-not-nifti", "a gzip file that is not a NIfTI", BAD_DATA, "gzip-compressed, but not a NIfTI file inside"),
+    _c("broken-symlink", "broken symlink (DataLad content not retrieved)", BAD_DATA, "broken symbolic link to … (a DataLad/git-annex file whose content was not retrieved? run 'datalad get')"),
+    _c("nonfinite-voxels", "NaN/Inf voxels", BAD_DATA, "are not finite (4 NaN, 2 infinite); none is replaced unless allowed"),
+    _c("nonfinite-allowed", "a few NaN voxels with `preprocessing.max_nonfinite_fraction` set", 0,
+       "replaced 2 NaN/infinite voxel(s) by the background value"),
+    _c("4d-image", "4D image (several volumes)", BAD_DATA, "4D image with 2 volumes; counterseg needs a 3D image"),
+    _c("2d-image", "2D image", BAD_DATA, "2D image (shape …); counterseg needs a 3D image"),
+    _c("voxel-size-zero", "voxel size 0", BAD_DATA, "voxel size 0 mm along axis 3 (header pixdim[3]) is not positive"),
+    _c("voxel-size-negative", "negative voxel size", BAD_DATA, "voxel size -1 mm along axis 3 (header pixdim[3]) is not positive"),
+    _c("voxel-size-100mm", "100 mm voxels", BAD_DATA, "voxel size 100 mm along axis 3 is outside the plausible range 0.01-20 mm of spinal-cord MRI (wrong units in the header?)"),
+    _c("far-too-small", "image far smaller than the model's field of view", BAD_DATA, "field of view … mm is under a quarter of the model's … mm window along …: far too small an image for this model"),
+    _c("far-larger", "image far larger than the model's field of view (cropped around the cord)", 0,
+       "participant level finished in"),
+    _c("too-many-voxels", "more voxels than counterseg loads (2^28)", BAD_DATA, "image grid … has … voxels, more than the … counterseg loads; crop or downsample it first"),
+    _c("singular-affine", "singular affine", BAD_DATA, "the affine (qform/sform) is singular; the voxel grid has no valid world orientation"),
+    _c("cord-mask-shape", "cord mask shape differs from its image", BAD_DATA, "cord mask shape … does not match the shape … of image"),
+    _c("cord-mask-affine", "cord mask affine differs from its image", BAD_DATA, "cord mask affine differs from the affine of image … (largest difference 2); the mask is not on the image grid"),
+    _c("cord-mask-empty", "empty cord mask", BAD_DATA, "cord mask is empty (no voxel above 0.5): a failed cord segmentation?"),
+    _c("lesion-mask-values", "lesion mask with values other than 0/1", BAD_DATA, "lesion mask has values other than 0 and 1 (2); a label map or a soft segmentation? binarise it"),
+    _c("participants-no-id", "`participants.tsv` without `participant_id` column", VALIDATION, "no participant_id column"),
+    _c("participants-missing-cells", "`participants.tsv` row with a missing column", VALIDATION, "line 3 has 2 column(s), the header has 4"),
+    _c("participants-extra-cells", "`participants.tsv` row with an extra column", VALIDATION, "line 2 has 5 column(s), the header has 4"),
+    _c("participants-no-healthy-column", "`participants.tsv` without the healthy-filter column", MISSING, "participants.tsv has no 'pathology' column to select healthy participants"),
+    _c("participants-extra-column", "`participants.tsv` with an extra, undeclared column", 0, "training participants: sub-01"),
+    _c("description-missing", "`dataset_description.json` missing", VALIDATION, "missing: … is laid out as a BIDS dataset (sub-* folders, participants.tsv) but has no dataset_description.json"),
+    _c("description-invalid", "`dataset_description.json` not valid JSON", VALIDATION, "not valid JSON"),
+    _c("empty-placeholders", "valid dataset whose NIfTIs are empty placeholders (bids-examples)", BAD_DATA,
+       "file is empty (0 bytes), not a NIfTI image (all … images of … are empty placeholder files, as in bids-examples: there is no image data)"),
+    _c("symlinked-files", "images, masks and `bids_dir` itself are symlinks (DataLad/git-annex)", 0, "participant level finished in"),
+    _c("read-only-bids-dir", "read-only `bids_dir`", 0, "participant level finished in"),
+    _c("output-unwritable", "unwritable `output_dir`", ExitCode.CANNOT_CREATE, "cannot create output in …: Not a directory"),
+    _c("disk-full", "disk full while writing an output", ExitCode.IO_ERROR, "writing … failed: No space left on device [ENOSPC]"),
+    _c("model-other-version", "model directory from another counterseg version", BAD_DATA, "model trained with counterseg 7.0.0 cannot be used by counterseg …: retrain it with the group level"),
+    _c("model-tampered", "model weights modified after training", BAD_DATA, "checksum mismatch with the model card"),
+    _c("model-truncated", "model weights corrupted (truncated)", BAD_DATA, "checksum mismatch with the model card"),
+    _c("model-pickle-code", "model weights that are a pickle with code", BAD_DATA, "not loadable as weights-only (Weights only load failed …)"),
+    _c("checkpoint-corrupted", "training checkpoint corrupted (resume refused)", BAD_DATA,
+       "not a loadable weights-only checkpoint (…)"),
+    _c("checkpoint-pickle-code", "training checkpoint that is a pickle with code", BAD_DATA,
+       "not a loadable weights-only checkpoint (…)"),
+)
+
+#: Interruptions, concurrency and security (each checked by its own test).
+RUNTIME = (
+    _c("group-sigkill", "group level SIGKILLed at seeded points in every stage, then rerun", 0, "resuming from step"),
+    _c("participant-sigkill", "participant level SIGKILLed mid-image, then rerun", 0, "outputs exist, skipped"),
+    _c("group-sigterm", "SIGTERM (SLURM time limit) during group training", 128 + 15,
+       "stopped by SIGTERM: vqgan saved a checkpoint at step 1"),
+    _c("group-sigint", "SIGINT (Ctrl-C) during group training", 128 + 2,
+       "stopped by SIGINT: diffusion saved a checkpoint at step 1"),
+    _c("participant-sigterm", "SIGTERM during the participant level", 128 + 15, "stopped by SIGTERM; the run is unfinished"),
+    _c("participant-while-training", "participant level while the group level is still training", MISSING,
+       "is not finished (model_card.json, written last, is missing)"),
+    _c("label-path", "`../` in a participant label", ExitCode.USAGE, "invalid sub label '../sub-01': BIDS labels are alphanumeric"),
+    _c("filter-path", "`../` or `/` in a filter-file value", ExitCode.USAGE, "--bids-filter-file …: 'acquisition' value … looks like a path ('..', '/'): filter values are BIDS labels"),
+    _c("no-network", "no network at run time (sockets refused)", 0, "participant level finished in"),
+)
+
+CATALOGUE = {case.key: case for case in (*BAD_INPUT, *RUNTIME)}
+
+
+def case(key: str) -> Case:
+    return CATALOGUE[key]
+
+
+def markdown_table() -> str:
+    lines = ["| case | exit code | message: the one error line, which names the file (exit 0: a log line) |",
+             "| --- | --- | --- |"]
+    for item in (*BAD_INPUT, *RUNTIME):
+        lines.append(f"| {item.case} | {item.exit_code} | {item.message.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
