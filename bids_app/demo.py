@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 #: Healthy participants train (and, held out, calibrate) the models; lesion ones are segmented.
 DEMO_DATASET = {"n_healthy": 8, "n_lesion": 3}
 
-#: Training budget of the demo (tiny preset); see docs/benchmarks.md for what it reaches.
+#: Training budget of the demo (tiny preset). Measured with 600/1200/300 steps while another job shared
+#: the 2 cores: group level 16.2 min on one thread, too long, hence these; see README for the time.
 DEMO_SETTINGS: dict[str, Any] = {
     "training": {
-        "vqgan": {"max_steps": 600, "disc_start": 400, "checkpoint_every": 100, "log_every": 50, "figure_every": 300},
-        "diffusion": {"max_steps": 1200, "checkpoint_every": 200, "log_every": 100, "figure_every": 600},
-        "adapter": {"max_steps": 300, "checkpoint_every": 100, "log_every": 50, "figure_every": 0},
+        "vqgan": {"max_steps": 400, "disc_start": 250, "checkpoint_every": 100, "log_every": 50, "figure_every": 200},
+        "diffusion": {"max_steps": 800, "checkpoint_every": 200, "log_every": 100, "figure_every": 400},
+        "adapter": {"max_steps": 200, "checkpoint_every": 100, "log_every": 50, "figure_every": 0},
     },
 }
 
