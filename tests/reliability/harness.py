@@ -122,6 +122,6 @@ def kill_env(point: str, signal_name: str = "KILL") -> dict[str, str]:
 
 def log_of(out: Path, pid: int) -> str:
     """The debug log a run with this process id wrote under ``out/logs``."""
-    logs = sorted((Path(out) / "logs").glob(f"counterseg_*_{pid}.log"))
+    logs = sorted((Path(out) / "logs").glob(f"counterseg_*_{pid}_*.log"))
     assert logs, f"no log of process {pid}"
     return logs[-1].read_text()
