@@ -215,11 +215,9 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageReco
 
 
 def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
-    seg = settings.segmentation
-    now = {"strengths": list(seg.strengths), "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler,
-           "median_size": seg.median_size, "polarity": seg.polarity,
-           "reference": seg.reference, "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm, "use_adapter": seg.use_adapter,
-           "adapter_scale": seg.adapter_scale}
+    from bids_app.training.calibrate import segmentation_identity
+
+    now = segmentation_identity(settings.segmentation)
     differing = [k for k, v in now.items() if identity.get(k) != v]
     if differing:
         log.warning("segmentation settings %s differ from those the threshold was calibrated with (%s): the "

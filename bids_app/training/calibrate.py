@@ -24,16 +24,20 @@ log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"
 
 
+def segmentation_identity(seg: Any) -> dict[str, Any]:
+    """Every segmentation setting the residuals depend on: a calibration holds only for these."""
+    return {
+        "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale, "strengths": list(seg.strengths),
+        "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta,
+        "median_size": seg.median_size, "polarity": seg.polarity, "reference": seg.reference,
+        "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm,
+    }
+
+
 def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[str, Any]:
     """What a calibration depends on: the model and every setting of the residual procedure."""
-    seg = settings.segmentation
-    return {
-        "models_sha256": upstream_sha256, "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale,
-        "strengths": list(seg.strengths), "n_samples": seg.n_samples,
-        "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta, "median_size": seg.median_size, "polarity": seg.polarity,
-        "reference": seg.reference, "window_overlap": seg.window_overlap, "edit_region": seg.edit_region,
-        "cord_margin_mm": seg.cord_margin_mm, "quantile": seg.calibration_quantile, "seed": settings.compute.seed,
-    }
+    return {"models_sha256": upstream_sha256, **segmentation_identity(settings.segmentation),
+            "quantile": settings.segmentation.calibration_quantile, "seed": settings.compute.seed}
 
 
 def run_calibration(settings: RunSettings, models: TrainedModels, samples: Sequence[Sample], device: str) -> Calibration:
