@@ -51,6 +51,9 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 2
+        # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
+        assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
+        assert sidecar["ResidualReference"] == "reconstruction" and sidecar["WindowOverlap"] == 0.5
         assert sidecar["AdapterUsed"] is True, "the tiny model has an adapter and every phantom a cord mask"
     mask_sidecar = json.loads(outputs(segmented, subject)["mask"].with_suffix("").with_suffix(".json").read_text())
     assert mask_sidecar["Type"] == "Lesion"
