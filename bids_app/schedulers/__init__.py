@@ -4,16 +4,19 @@ from bids_app.schedulers.base import (
     Scheduler,
     SchedulerConfig,
     StepOutput,
-    denoise,
     draw_noise,
-    img2img,
 )
 from bids_app.schedulers.ddim import DDIMScheduler
 from bids_app.schedulers.ddpm import DDPMScheduler
+from bids_app.schedulers.sampling import Chain, KnownRegion, denoise, denoise_chains, img2img, start_chain
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 __all__ = [
+    "Chain",
+    "KnownRegion",
+    "denoise_chains",
+    "start_chain",
     "DDIMScheduler",
     "DDPMScheduler",
     "ModelFn",

@@ -1,4 +1,4 @@
-"""The scheduler contract shared by every sampler, its config, and the sampling loops.
+"""The scheduler contract shared by every sampler and its config (the loops: sampling.py).
 
 A scheduler holds no weights and imports no model (the diffusers split): it turns a model output
 into the previous sample. All schedulers share one signature (``set_timesteps``, ``step``,
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bids_app.schedulers import schedules
 
-__all__ = ["SchedulerConfig", "StepOutput", "Scheduler", "ModelFn", "draw_noise", "denoise", "img2img"]
+__all__ = ["SchedulerConfig", "StepOutput", "Scheduler", "ModelFn", "draw_noise"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULES = ("cosine", "linear")
@@ -217,62 +217,3 @@ def draw_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor
     device = generator.device if generator is not None else like.device
     noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
     return noise.to(like.device)
-
-
-@dataclass(frozen=True)
-class KnownRegion:
-    """Where the sample must stay the original (``editable`` 0): RePaint-style replacement.
-
-    After every reverse step the voxels outside ``editable`` are reset to the original ``x0``
-    noised with ``noise`` to the step's timestep (x0 itself after the last step), so only the
-    editable part is regenerated, consistently with its true surroundings.
-    """
-
-    x0: Tensor
-    noise: Tensor
-    editable: Tensor  # float, broadcastable to x0, 1 = regenerate
-
-    def apply(self, scheduler: "Scheduler", sample: Tensor, t_next: Tensor | None) -> Tensor:
-        if t_next is None:
-            known = self.x0
-        else:
-            known = scheduler.add_noise(self.x0, self.noise, t_next.expand(sample.shape[0]))
-        return self.editable * sample + (1 - self.editable) * known
-
-
-def denoise(model_fn: ModelFn, scheduler: Scheduler, sample: Tensor, timesteps: Tensor,
-            generator: torch.Generator | None = None, known: KnownRegion | None = None) -> Tensor:
-    """Run the reverse chain over ``timesteps`` (descending); no timesteps returns sample as is.
-
-    The timesteps are moved to the sample's device once, so the loop never syncs with the host.
-    """
-    steps = timesteps.to(sample.device)
-    batch = sample.shape[0]
-    for i, t in enumerate(steps):
-        model_output = model_fn(sample, t.expand(batch))
-        sample = scheduler.step(model_output, t, sample, generator).prev_sample
-        if known is not None:
-            sample = known.apply(scheduler, sample, steps[i + 1] if i + 1 < len(steps) else None)
-    return sample
-
-
-def img2img(model_fn: ModelFn, scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
-            generator: torch.Generator | None = None, editable: Tensor | None = None) -> tuple[Tensor, int | None]:
-    """Noise x0 to the strength's start timestep and denoise it back: the counterfactual step.
-
-    Calls ``scheduler.set_timesteps(n_steps)``. Returns the sample and the start timestep, or
-    (x0 itself, None) at a strength too small for one step. The noise is drawn with the generator.
-    ``editable`` (1 = may change) keeps everything else on the original (:class:`KnownRegion`).
-    """
-    scheduler.set_timesteps(n_steps)
-    timesteps = scheduler.img2img_timesteps(strength)
-    if len(timesteps) == 0:
-        return x0, None
-    start = timesteps[0]
-    noise = draw_noise(x0, generator)
-    t = start.to(x0.device).expand(x0.shape[0])
-    noisy = scheduler.add_noise(x0, noise, t)
-    known = KnownRegion(x0, noise, editable.to(x0.dtype)) if editable is not None else None
-    if known is not None:
-        noisy = known.apply(scheduler, noisy, t[:1])
-    return denoise(model_fn, scheduler, noisy, timesteps, generator, known), int(start)

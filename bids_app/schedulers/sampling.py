@@ -1,0 +1,148 @@
+"""The sampling loops: a reverse chain, img2img, and many img2img chains denoised together.
+
+Counterfactuals at several strengths, noise samples and sliding windows are independent chains of
+one model. Run one after another, every reverse step is a batch-1 forward, which on CPU also falls
+off the fast convolution path (torch picks ``slow_conv3d`` for a batch of one; measured on 2 cores
+with the tiny UNet: 62 ms for one 16^3 latent, 103 ms for nine in one forward, channels-last).
+:func:`denoise_chains` stacks the running chains into batches of at most ``max_batch``, calls the
+model once per batch and lets each chain's own scheduler step with its own generator, so every
+chain draws exactly the noise it would draw alone and the result equals separate runs up to the
+rounding of batched kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from bids_app.schedulers.base import ModelFn, Scheduler, draw_noise
+
+__all__ = ["KnownRegion", "Chain", "BatchedModelFn", "start_chain", "denoise_chains", "denoise", "img2img"]
+
+BatchedModelFn = Callable[[Tensor, Tensor, Sequence[Any]], Tensor]
+"""``model_fn(samples, t, conditions) -> outputs``: one condition per chain in the batch, in order."""
+
+
+@dataclass(frozen=True)
+class KnownRegion:
+    """Where the sample must stay the original (``editable`` 0): RePaint-style replacement.
+
+    After every reverse step the voxels outside ``editable`` are reset to the original ``x0``
+    noised with ``noise`` to the step's timestep (x0 itself after the last step), so only the
+    editable part is regenerated, consistently with its true surroundings.
+    """
+
+    x0: Tensor
+    noise: Tensor
+    editable: Tensor  # float, broadcastable to x0, 1 = regenerate
+
+    def apply(self, scheduler: Scheduler, sample: Tensor, t_next: Tensor | None) -> Tensor:
+        if t_next is None:
+            known = self.x0
+        else:
+            known = scheduler.add_noise(self.x0, self.noise, t_next.expand(sample.shape[0]))
+        return self.editable * sample + (1 - self.editable) * known
+
+
+@dataclass
+class Chain:
+    """One reverse chain in progress: its own scheduler (respaced for it), timesteps, generator.
+
+    ``condition`` is handed to the model function untouched (e.g. the adapter features of the
+    chain's window); ``start`` is the timestep the chain was noised to (None: nothing to do).
+    """
+
+    scheduler: Scheduler
+    timesteps: Tensor  # descending, on the sample's device
+    sample: Tensor
+    generator: torch.Generator | None = None
+    known: KnownRegion | None = None
+    condition: Any = None
+    start: int | None = None
+    position: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.timesteps)
+
+    @property
+    def timestep(self) -> Tensor:
+        return self.timesteps[self.position]
+
+    def advance(self, model_output: Tensor) -> None:
+        """Take the reverse step at the current timestep with the model's output for this chain."""
+        t = self.timestep
+        sample = self.scheduler.step(model_output, t, self.sample, self.generator).prev_sample
+        self.position += 1
+        if self.known is not None:
+            sample = self.known.apply(self.scheduler, sample, None if self.done else self.timestep)
+        self.sample = sample
+
+
+def start_chain(scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
+                generator: torch.Generator | None = None, editable: Tensor | None = None,
+                condition: Any = None) -> Chain:
+    """Noise x0 to the strength's start timestep: a chain ready for :func:`denoise_chains`.
+
+    Calls ``scheduler.set_timesteps(n_steps)`` (so a chain needs a scheduler of its own when
+    chains differ in ``n_steps``). The noise is drawn with the generator. A strength too small for
+    one step gives a finished chain holding x0 itself. ``editable`` (1 = may change) keeps the rest
+    on the original (:class:`KnownRegion`).
+    """
+    scheduler.set_timesteps(n_steps)
+    timesteps = scheduler.img2img_timesteps(strength).to(x0.device)
+    if len(timesteps) == 0:
+        return Chain(scheduler, timesteps, x0, generator, None, condition, None)
+    noise = draw_noise(x0, generator)
+    t = timesteps[0].expand(x0.shape[0])
+    noisy = scheduler.add_noise(x0, noise, t)
+    known = KnownRegion(x0, noise, editable.to(x0.dtype)) if editable is not None else None
+    if known is not None:
+        noisy = known.apply(scheduler, noisy, t[:1])
+    return Chain(scheduler, timesteps, noisy, generator, known, condition, int(timesteps[0]))
+
+
+def denoise_chains(model_fn: BatchedModelFn, chains: Sequence[Chain], max_batch: int | None = None) -> list[Tensor]:
+    """Run every chain to its end, one model call per step for up to ``max_batch`` running chains.
+
+    Chains may differ in length and timesteps (each batch element gets its own t); a chain that
+    has finished leaves the batch. Returns the final samples, in the order of ``chains``.
+    """
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    while True:
+        running = [chain for chain in chains if not chain.done]
+        if not running:
+            return [chain.sample for chain in chains]
+        size = max_batch or len(running)
+        for first in range(0, len(running), size):
+            group = running[first:first + size]
+            sizes = [chain.sample.shape[0] for chain in group]
+            samples = torch.cat([chain.sample for chain in group]) if len(group) > 1 else group[0].sample
+            t = torch.cat([chain.timestep.expand(n) for chain, n in zip(group, sizes)])
+            outputs = model_fn(samples, t, [chain.condition for chain in group])
+            for chain, output in zip(group, outputs.split(sizes)):
+                chain.advance(output)
+
+
+def denoise(model_fn: ModelFn, scheduler: Scheduler, sample: Tensor, timesteps: Tensor,
+            generator: torch.Generator | None = None, known: KnownRegion | None = None) -> Tensor:
+    """Run the reverse chain over ``timesteps`` (descending); no timesteps returns sample as is.
+
+    The timesteps are moved to the sample's device once, so the loop never syncs with the host.
+    """
+    chain = Chain(scheduler, timesteps.to(sample.device), sample, generator, known)
+    return denoise_chains(lambda x, t, _: model_fn(x, t), [chain])[0]
+
+
+def img2img(model_fn: ModelFn, scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
+            generator: torch.Generator | None = None, editable: Tensor | None = None) -> tuple[Tensor, int | None]:
+    """Noise x0 to the strength's start timestep and denoise it back: the counterfactual step.
+
+    Returns the sample and the start timestep, or (x0 itself, None) at a strength too small for
+    one step (see :func:`start_chain`).
+    """
+    chain = start_chain(scheduler, x0, strength, n_steps, generator, editable)
+    return denoise_chains(lambda x, t, _: model_fn(x, t), [chain])[0], chain.start

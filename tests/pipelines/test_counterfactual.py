@@ -1,0 +1,129 @@
+"""The fast path: chains denoised together equal the same chains run one by one."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from bids_app.models.adapter import AdapterConfig, T2IAdapter
+from bids_app.models.unet3d import UNet3D, UNet3DConfig
+from bids_app.models.vqgan import VQGAN, VQGANConfig
+from bids_app.pipelines.counterfactual import (
+    CounterfactualSettings,
+    Window,
+    batch_counterfactuals,
+    counterfactuals,
+    inference_dtype,
+    prepare_for_inference,
+    windowed_counterfactuals,
+)
+from bids_app.schedulers import SchedulerConfig
+
+SCHEDULE = SchedulerConfig(num_train_timesteps=100, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[VQGAN, UNet3D, T2IAdapter]:
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(n_hiddens=4, downsample=(2, 2, 2), n_codes=16, embedding_dim=4, norm_groups=2)).eval()
+    unet = UNet3D(UNet3DConfig(in_channels=4, base_channels=8, channel_mults=(1, 2), attention_levels=(False, True),
+                               num_heads=2, norm_groups=4, zero_init_output=False)).eval()
+    adapter = T2IAdapter(AdapterConfig.for_models(unet.config, (2, 2, 2), hidden=4)).eval()
+    for conv in adapter.outputs:  # zero-initialised: give the features something to change
+        torch.nn.init.normal_(conv.weight, std=0.5)
+    return vqgan, unet, adapter
+
+
+def _images(n: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, size=(16, 16, 16)).astype(np.float32) for _ in range(n)]
+
+
+def _stack(results: list) -> np.ndarray:
+    return np.stack([c.image for per_input in results for c in per_input])
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 0.7)])
+def test_batched_chains_equal_separate_runs(models, sampler: str, eta: float) -> None:
+    vqgan, unet, adapter = models
+    editable = np.zeros((16, 16, 16), bool)
+    editable[4:12, 4:12, :] = True
+    control = torch.from_numpy(editable.astype(np.float32))[None, None]
+    with torch.no_grad():
+        features = adapter(control)
+    inputs = [Window(image, features if i != 1 else None, editable if i != 2 else None, index=i)
+              for i, image in enumerate(_images(3))]
+    settings = CounterfactualSettings(strengths=(0.0, 0.4, 0.8), n_samples=3, steps=4, sampler=sampler, eta=eta,
+                                      seed=7, batch_size=64)
+    together = batch_counterfactuals(vqgan, unet, SCHEDULE, 1.3, inputs, settings)
+    alone = batch_counterfactuals(vqgan, unet, SCHEDULE, 1.3, inputs, dataclasses.replace(settings, batch_size=1))
+    labels = [(c.strength, c.sample, c.start_timestep) for per_input in together for c in per_input]
+    assert labels == [(c.strength, c.sample, c.start_timestep) for per_input in alone for c in per_input]
+    assert len(labels) == 3 * (1 + 3 + 3), "strength 0 has a single (deterministic) sample"
+    np.testing.assert_allclose(_stack(together), _stack(alone), atol=2e-5)
+    # Samples differ from each other, and the chains differ in what they were given.
+    first = together[0]
+    assert not np.allclose(first[1].image, first[2].image, atol=1e-3)
+    # Each input one call at a time gives the same again (windows do not leak into each other).
+    for window, expected in zip(inputs, together):
+        single = counterfactuals(vqgan, unet, SCHEDULE, 1.3, window.image, settings, "cpu", window.features,
+                                 window.index, window.editable)
+        np.testing.assert_allclose(np.stack([c.image for c in single]), np.stack([c.image for c in expected]),
+                                   atol=2e-5)
+
+
+def test_a_sample_does_not_depend_on_how_many_are_drawn(models) -> None:
+    vqgan, unet, _ = models
+    image = _images(1)[0]
+    one = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, CounterfactualSettings(strengths=(0.6,), steps=3))
+    five = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image,
+                           CounterfactualSettings(strengths=(0.6,), steps=3, n_samples=5, batch_size=5))
+    np.testing.assert_allclose(one[0].image, five[0].image, atol=2e-5)
+    assert len({round(float(c.image.sum()), 3) for c in five}) == 5
+
+
+def test_the_adapter_changes_the_counterfactual(models) -> None:
+    vqgan, unet, adapter = models
+    image = _images(1)[0]
+    features = adapter(torch.ones(1, 1, 16, 16, 16))
+    settings = CounterfactualSettings(strengths=(0.8,), steps=3)
+    plain = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, settings)
+    steered = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, settings, adapter_features=features)
+    assert np.abs(plain[0].image - steered[0].image).max() > 1e-3
+
+
+def test_windowed_fast_path_is_unchanged_by_the_batch_size(models) -> None:
+    vqgan, unet, _ = models
+    image = np.concatenate(_images(2), axis=2)  # two windows and a half-overlap one
+    settings = CounterfactualSettings(strengths=(0.5, 0.7), steps=3, n_samples=2)
+    wide = windowed_counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, settings, (16, 16, 16))
+    narrow = windowed_counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, dataclasses.replace(settings, batch_size=3),
+                                      (16, 16, 16))
+    np.testing.assert_allclose(np.stack([c.image for c in wide]), np.stack([c.image for c in narrow]), atol=2e-5)
+
+
+def test_channels_last_preparation_keeps_the_result(models) -> None:
+    vqgan, unet, _ = models
+    image = _images(1)[0]
+    settings = CounterfactualSettings(strengths=(0.5,), steps=3)
+    before = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, settings)
+    copies = [type(m)(m.config) for m in (vqgan, unet)]
+    for copy, original in zip(copies, (vqgan, unet)):
+        copy.load_state_dict(original.state_dict())
+    prepare_for_inference(*copies)
+    assert copies[1].conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    after = counterfactuals(copies[0], copies[1], SCHEDULE, 1.0, image, settings)
+    np.testing.assert_allclose(before[0].image, after[0].image, atol=2e-5)
+
+
+def test_inference_precision_rules() -> None:
+    assert inference_dtype("cpu") is None, "CPU autocast (bf16) was measured far slower: fp32"
+    assert inference_dtype("cpu", "bf16") == torch.bfloat16
+    assert inference_dtype("cuda", "fp16") == torch.float16
+    assert inference_dtype("cuda", "fp32") is None
+    with pytest.raises(ValueError, match="precision"):
+        CounterfactualSettings(precision="int8")
+    with pytest.raises(ValueError, match="batch_size"):
+        CounterfactualSettings(batch_size=0)
