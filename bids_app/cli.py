@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = parser.add_argument_group("segmentation (participant level)")
     _flag(seg, "--strength", nargs="+", type=float, metavar="S",
-          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.5); several are averaged")
+          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.5 0.65 0.8); several are "
+               "averaged")
     _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
-    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 20)")
+    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 10)")
     _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
     _flag(seg, "--polarity", choices=("auto", "bright", "dark", "both"),
           help="which residuals are lesion: brighter than the counterfactual, darker, or both (default auto: "
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter")
     _flag(seg, "--adapter-scale", type=float, metavar="W", help="weight of the adapter's features (default 1; 0 = off)")
     _flag(seg, "--overwrite", action="store_true", help="redo images whose outputs already exist")
+    _flag(seg, "--inference-batch-size", type=int, metavar="N",
+          help="denoising chains (windows x strengths x samples) per UNet forward (default: 16); lower it if the "
+               "GPU runs out of memory, results do not change")
+    _flag(seg, "--precision", choices=("auto", "fp32", "bf16", "fp16"),
+          help="autocast on CUDA (default auto: bf16 where supported); CPU always computes in fp32")
+    _flag(seg, "--compile", action="store_true", help="torch.compile the UNet (pays off on long runs; measured "
+                                                       "in docs/benchmarks.md)")
 
     run = parser.add_argument_group("running")
     _flag(run, "-w", "--work-dir", metavar="DIR", type=Path, help="scratch space (default: OUTPUT_DIR/work)")
@@ -185,7 +193,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     segmentation: dict[str, Any] = {}
     for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
                       ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite"),
-                      ("adapter_scale", "adapter_scale"), ("polarity", "polarity")):
+                      ("adapter_scale", "adapter_scale"), ("polarity", "polarity"),
+                      ("inference_batch_size", "batch_size"), ("precision", "precision"), ("compile", "compile")):
         if flag in args:
             segmentation[key] = getattr(args, flag)
     if "no_adapter" in args:

@@ -46,3 +46,21 @@ def configure_threads(omp_nthreads: int | None, nprocs: int | None, processes_pe
     log.debug("torch intra-op threads: %d (CPUs available: %d, processes on this node: %d)",
               threads, allowed, processes_per_node)
     return threads
+
+
+def amp_dtype(device: str, precision: str = "auto"):
+    """The autocast dtype for ``precision`` (auto, fp32, bf16, fp16) on a device, or None (fp32).
+
+    CUDA only: bf16 where supported, else fp16, unless fp32 is asked for. On CPU always fp32: bf16
+    autocast ran 40x slower than fp32 on the 2-core development CPU, which has no bf16 instructions
+    (docs/benchmarks.md).
+    """
+    import torch
+
+    if precision == "fp32" or not str(device).startswith("cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16

@@ -26,6 +26,7 @@ from bids_app.pipelines.segment import (
     adapter_for,
     counterfactual_settings,
     describe_settings,
+    inference_models,
     mean_counterfactual,
     native_residual,
     residual_settings,
@@ -66,7 +67,7 @@ def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibratio
 
 def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
                    device: str) -> dict[str, Any]:
-    models = load_trained_models(settings.model_dir, device)
+    models = inference_models(load_trained_models(settings.model_dir, device), settings.segmentation)
     # How many NaN voxels to tolerate is this run's choice, not the model's.
     models = dataclasses.replace(models, plan=dataclasses.replace(
         models.plan, max_nonfinite_fraction=settings.preprocessing.max_nonfinite_fraction))

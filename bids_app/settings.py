@@ -140,6 +140,10 @@ class SegmentationSettings:
     use_adapter: bool = True
     adapter_scale: float = 1.0
     overwrite: bool = False
+    # Fast path (docs/benchmarks.md "Counterfactual cost"): chains per UNet forward; autocast on CUDA.
+    batch_size: int = 16
+    precision: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,10 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"segmentation.edit_region must be cord or all, got {seg.edit_region!r}")
     if not 0 <= seg.window_overlap < 1:
         raise UsageError(f"segmentation.window_overlap must be in [0, 1), got {seg.window_overlap}")
+    if seg.batch_size < 1:
+        raise UsageError(f"--inference-batch-size must be at least 1, got {seg.batch_size}")
+    if seg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, got {seg.precision!r}")
     if not 0.5 < seg.calibration_quantile < 1:
         raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
     if not settings.selection.contrasts:

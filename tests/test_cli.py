@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bids_app import __version__, cli
-from bids_app.errors import ExitCode
+from bids_app.errors import ExitCode, UsageError
 
 from tests.conftest import participant_args, tree_digest
 
@@ -225,3 +225,13 @@ def test_segmentation_flags_reach_the_settings() -> None:
     seg = cli.settings_from_args(args).segmentation
     assert seg.polarity == "dark" and seg.strengths == (0.4, 0.6) and seg.n_samples == 3 and not seg.use_adapter
     assert cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation.polarity == "auto"
+
+
+def test_fast_path_flags_reach_the_settings() -> None:
+    default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
+    assert (default.batch_size, default.precision, default.compile) == (16, "auto", False)
+    args = cli.parse_args(["b", "o", "participant", "--inference-batch-size", "4", "--precision", "fp16", "--compile"])
+    seg = cli.settings_from_args(args).segmentation
+    assert (seg.batch_size, seg.precision, seg.compile) == (4, "fp16", True)
+    with pytest.raises(UsageError, match="--inference-batch-size"):
+        cli.settings_from_args(cli.parse_args(["b", "o", "participant", "--inference-batch-size", "0"]))

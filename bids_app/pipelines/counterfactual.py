@@ -22,7 +22,8 @@ Fast path (docs/benchmarks.md, "Counterfactual cost"): every (window, strength, 
 of its own, and all chains of an image are denoised together (:func:`denoise_chains`): one UNet
 forward per step for up to ``batch_size`` chains; each window is encoded once for all its strengths
 and samples; encoding and decoding are batched too; everything runs under ``torch.inference_mode``,
-channels-last on CPU (:func:`prepare_for_inference`), with autocast on CUDA (``precision``). The
+channels-last on CPU (:func:`prepare_for_inference`), with autocast on CUDA (``precision``,
+:func:`bids_app.compute.amp_dtype`: the training rule). The
 result equals running the chains one by one up to float rounding (tested).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from bids_app.compute import amp_dtype
 from bids_app.pipelines.windows import slide, windows
 from bids_app.schedulers import Chain, DDIMScheduler, DDPMScheduler, SchedulerConfig, denoise_chains, start_chain
 
@@ -110,22 +112,6 @@ def decode(vqgan: torch.nn.Module, latent: torch.Tensor, scale: float, max_laten
     if max_latent_voxels is None:
         return vqgan.decode(quantized)
     return vqgan.decode_tiled(quantized, max_latent_voxels=max_latent_voxels)
-
-
-def inference_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of the UNet forward, or None for full precision.
-
-    ``auto``: bf16 on CUDA where supported (else fp16), fp32 on CPU: bf16 autocast was 40x slower
-    than fp32 on this 2-core CPU without bf16 instructions (measured, docs/benchmarks.md).
-    """
-    device = torch.device(device)
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def prepare_for_inference(*modules: torch.nn.Module | None) -> None:
@@ -220,7 +206,7 @@ def batch_counterfactuals(
                 chain = start_chain(scheduler, z0.contiguous(), strength, respaced_steps(settings.steps, strength),
                                     generator, editable, window.features)
                 chains.append((w, strength, k, chain))
-    model_fn = _conditioned_model(unet, inference_dtype(device, settings.precision))
+    model_fn = _conditioned_model(unet, amp_dtype(device, settings.precision))
     denoise_chains(model_fn, [c for *_, c in chains], size)
     moved = [i for i, (*_, chain) in enumerate(chains) if chain.start is not None]
     decoded_moved = _decode_all(vqgan, [chains[i][3].sample for i in moved], latent_scale, settings)

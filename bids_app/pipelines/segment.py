@@ -8,6 +8,7 @@ at inference, so the calibrated threshold means the same thing in both.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from bids_app.pipelines.counterfactual import Counterfactual, CounterfactualSettings, windowed_counterfactuals
+from bids_app.pipelines.counterfactual import (
+    Counterfactual,
+    CounterfactualSettings,
+    prepare_for_inference,
+    windowed_counterfactuals,
+)
 from bids_app.preprocessing.pipeline import Preprocessed, preprocess
 from bids_app.segmentation.residuals import ResidualSettings, analysis_region, residual_map, restrict, smooth
 
@@ -103,6 +109,16 @@ def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed, tuple[slice, .
     return features
 
 
+def inference_models(models: Any, seg: Any) -> Any:
+    """The loaded models made ready for the fast path: evaluation mode, channels-last on CPU, and
+    the UNet through ``torch.compile`` when ``segmentation.compile`` is set (``dynamic``: the batch
+    shrinks as chains finish, which would otherwise recompile)."""
+    prepare_for_inference(models.vqgan, models.unet, getattr(models, "adapter", None))
+    if not seg.compile:
+        return models
+    return dataclasses.replace(models, unet=torch.compile(models.unet, dynamic=True))
+
+
 def mean_counterfactual(result: NativeResidual) -> np.ndarray:
     """The counterfactual image written out: the mean over strengths and samples, on the native grid."""
     mean = np.mean([c.image for c in result.counterfactuals], axis=0)
@@ -114,7 +130,8 @@ def counterfactual_settings(seg: Any, seed: int, strengths: tuple[float, ...] | 
     return CounterfactualSettings(strengths=tuple(strengths or seg.strengths), n_samples=seg.n_samples,
                                   steps=seg.steps, sampler=seg.sampler, eta=seg.eta,
                                   max_latent_voxels=seg.max_latent_voxels, seed=seed, reference=seg.reference,
-                                  window_overlap=seg.window_overlap, edit_region=seg.edit_region)
+                                  window_overlap=seg.window_overlap, edit_region=seg.edit_region,
+                                  batch_size=seg.batch_size, precision=seg.precision)
 
 
 #: Suffixes on which lesions are darker than healthy tissue (T1 "black holes"); on T2w, T2*w,

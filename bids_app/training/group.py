@@ -36,6 +36,7 @@ from bids_app.model_store import (
 )
 from bids_app.training.calibrate import CALIBRATION_FILE, calibration_identity, run_calibration
 from bids_app.models.discriminators import DiscriminatorConfig
+from bids_app.pipelines.segment import inference_models
 from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
 from bids_app.training import loop
@@ -215,7 +216,7 @@ def _calibrate(settings: RunSettings, prepared: PreparedData, diffusion_sha256: 
         log.warning("calibrate: no validation participant: calibrating on the training participants, whose "
                     "residuals are optimistic; the false-positive rate on new healthy data will be higher")
         samples = prepared.train
-    models = load_components(settings.model_dir, prepared.plan, device)
+    models = inference_models(load_components(settings.model_dir, prepared.plan, device), settings.segmentation)
     calibration = run_calibration(settings, models, samples, device)
     summary = {"threshold": calibration.threshold, "quantile": calibration.quantile,
                "n_images": calibration.n_images, "n_voxels": calibration.n_voxels,

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol
 import torch
 
 from bids_app import interruption, killpoints
+from bids_app.compute import amp_dtype
 from bids_app.errors import UsageError
 from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
 from bids_app.training.distributed import SINGLE, Distributed
@@ -222,16 +223,6 @@ def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def amp_dtype(device: str, precision: str = "auto") -> torch.dtype | None:
-    if precision == "fp32" or not str(device).startswith("cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def make_scaler(device: str, precision: str = "auto") -> torch.amp.GradScaler | None:
