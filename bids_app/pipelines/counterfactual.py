@@ -29,6 +29,7 @@ result equals running the chains one by one up to float rounding (tested).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -61,8 +62,13 @@ class CounterfactualSettings:
     edit_region: str = "cord"
     batch_size: int = 16
     precision: str = "auto"
+    #: Respace the whole chain to this many steps instead (the seed's procedure: 300, so a strength
+    #: s runs 300 s steps); None: ``steps`` below every strength.
+    chain_steps: int | None = None
 
     def __post_init__(self) -> None:
+        if self.chain_steps is not None and self.chain_steps < 1:
+            raise ValueError(f"chain_steps must be at least 1, got {self.chain_steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
@@ -90,10 +96,17 @@ class Counterfactual:
 
 
 def respaced_steps(steps: int, strength: float) -> int:
-    """Total respaced chain length so that about ``steps`` of it lie below ``strength``."""
+    """The shortest respaced chain of which exactly ``steps`` steps lie below ``strength``.
+
+    img2img runs ``int(n * strength)`` steps of an ``n``-step chain; rounding ``steps / strength``
+    could leave one step short (10 steps at 0.65: 9) or none at all (1 step at 0.8).
+    """
     if strength <= 0:
         return steps
-    return max(steps, int(round(steps / strength)))
+    n = max(steps, math.floor(steps / strength))
+    while int(n * strength) < steps:
+        n += 1
+    return n
 
 
 def make_scheduler(config: SchedulerConfig, sampler: str, eta: float = 0.0):
@@ -203,7 +216,8 @@ def batch_counterfactuals(
             for k in range(settings.n_samples if strength > 0 else 1):
                 generator = torch.Generator(device=device).manual_seed(chain_seed(settings.seed, window.index, s_index, k))
                 scheduler = make_scheduler(scheduler_config, settings.sampler, settings.eta)
-                chain = start_chain(scheduler, z0.contiguous(), strength, respaced_steps(settings.steps, strength),
+                n_steps = settings.chain_steps or respaced_steps(settings.steps, strength)
+                chain = start_chain(scheduler, z0.contiguous(), strength, n_steps,
                                     generator, editable, window.features)
                 chains.append((w, strength, k, chain))
     model_fn = _conditioned_model(unet, amp_dtype(device, settings.precision))

@@ -122,3 +122,37 @@ def test_inference_settings_are_checked() -> None:
         CounterfactualSettings(precision="int8")
     with pytest.raises(ValueError, match="batch_size"):
         CounterfactualSettings(batch_size=0)
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.evaluations = unet, 0
+
+    def forward(self, z, t, *rest):
+        self.evaluations += z.shape[0]
+        return self.unet(z, t, *rest)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"steps": 4}, 4 + 4),  # every strength runs about `steps` evaluations
+    ({"steps": 1}, 1 + 1),  # the one-step x0 read-out
+    ({"chain_steps": 50, "sampler": "ddpm"}, 25 + 40),  # the seed's rule: int(50 s) steps of a 50-step chain
+])
+def test_evaluations_per_chain(models, overrides: dict, expected: int) -> None:
+    vqgan, unet, _ = models
+    counting = _Counting(unet)
+    settings = CounterfactualSettings(strengths=(0.5, 0.8), **overrides)
+    results = counterfactuals(vqgan, counting, SCHEDULE, 1.0, _images(1)[0], settings)
+    assert counting.evaluations == expected
+    assert len(results) == 2
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.65, 0.8, 1.0])
+def test_respacing_runs_exactly_the_asked_steps(steps: int, strength: float) -> None:
+    from bids_app.pipelines.counterfactual import respaced_steps
+
+    n = respaced_steps(steps, strength)
+    assert int(n * strength) == steps
+    assert int((n - 1) * strength) < steps or n == steps, "the shortest such chain"

@@ -1,0 +1,274 @@
+"""Cost of one counterfactual per image against the lesion Dice it reaches: the speed/quality curve.
+
+    python benchmarks/counterfactual_cost.py BIDS_DIR MODEL_DIR [--methods ...] [--out counterfactual_cost.json]
+    python benchmarks/counterfactual_cost.py --random-weights --preset default --shape 16 64 64
+
+With a trained model (first form) every method runs the participant level's own procedure
+(``native_residual``: whole cord in sliding windows, edit transfer, cord-only regeneration, the
+app's strengths, T2I-Adapter when the model has one) on the model's healthy validation images and
+on the lesion images of BIDS_DIR. Each method is calibrated like the app (0.999 quantile of its
+own healthy in-cord residuals) and scored with the app's Dice at that threshold. Methods:
+
+- ``seed-ddpm-300``: the seed's procedure: DDPM ancestral sampling on a chain of T = 300
+  respaced steps, from t0 = s T down (so 300 s UNet evaluations per strength and window);
+- ``ddim-N``: DDIM with N respaced steps below the strength (the app's default: N = 10);
+- ``x0-readout``: one DDIM step, i.e. the clean latent read off the noised one in one evaluation;
+- ``ddim-10-unbatched``: the default, one chain per UNet forward (the path before batching).
+
+The second form times the same methods on random weights (cost does not depend on training) for
+one volume of ``--shape`` at a preset's model size: the issue's reference point is a 16x64x64
+image at strength 0.4 with the seed's 10 M-parameter UNet (46 s, 120 evaluations, on 2 cores).
+
+Each method runs in a fresh subprocess, so its peak memory is its own: ``cuda.max_memory_allocated``
+on CUDA, the peak resident-set growth over the loaded models on CPU. Times are medians over the
+images after one warm-up image; UNet evaluations count one per chain and step (a batched forward
+of 9 chains counts 9), forwards count the calls.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("seed-ddpm-300", "ddim-50", "ddim-20", "ddim-10", "ddim-5", "x0-readout", "ddim-10-unbatched")
+SEED_CHAIN = 300
+
+
+def method_settings(method: str, base: Any) -> Any:
+    """The counterfactual settings of ``method`` (every strength of ``base`` at once, as the app)."""
+    if method == "seed-ddpm-300":
+        return dataclasses.replace(base, sampler="ddpm", chain_steps=SEED_CHAIN)
+    if method == "x0-readout":
+        return dataclasses.replace(base, sampler="ddim", steps=1)
+    if method == "ddim-10-unbatched":
+        return dataclasses.replace(base, sampler="ddim", steps=10, batch_size=1)
+    if method.startswith("ddim-"):
+        return dataclasses.replace(base, sampler="ddim", steps=int(method.split("-")[1]))
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+class CountingUNet:
+    """Wraps the UNet to count forwards and per-chain evaluations (the batch size of each forward)."""
+
+    def __init__(self, unet: Any) -> None:
+        self.unet, self.forwards, self.evaluations = unet, 0, 0
+
+    def __call__(self, z, t, *rest):
+        self.forwards += 1
+        self.evaluations += int(z.shape[0])
+        return self.unet(z, t, *rest)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.unet, name)
+
+
+def peak_memory_bytes(device: str, baseline: int) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+
+
+def synchronise(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_trained(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: one method over the validation and lesion images of a trained model."""
+    import numpy as np
+    import torch
+
+    from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout
+    from bids_app.model_store import load_trained_models
+    from bids_app.participant import _truth
+    from bids_app.pipelines import segment
+    from bids_app.segmentation.calibration import calibrate
+    from bids_app.segmentation.lesions import lesion_mask
+    from bids_app.segmentation.metrics import best_dice_over_thresholds, dice
+    from bids_app.settings import SegmentationSettings, SelectionSettings
+
+    seg = SegmentationSettings(strengths=tuple(args.strength))
+    models = segment.inference_models(load_trained_models(args.model_dir, args.device), seg)
+    counter = CountingUNet(models.unet)
+    models = dataclasses.replace(models, unet=counter)
+    validation = {p.removeprefix("sub-") for p in models.card["validation_participants"]}
+    records = collect_images(args.bids_dir, SelectionSettings(), load_layout(args.bids_dir),
+                             find_derivative_datasets(args.bids_dir))
+    healthy = [r for r in records if r.subject in validation]
+    lesioned = [r for r in records if r.lesion_mask is not None][: args.max_lesion_images]
+    base = segment.counterfactual_settings(seg, args.seed)
+    adapter = segment.adapter_for(models, seg)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    settings = method_settings(args.child, base)
+
+    def residual(record) -> tuple[Any, float, int]:
+        """The method's native residual (the participant level's procedure), seconds, evaluations."""
+        before, started = counter.evaluations, time.perf_counter()
+        result = segment.native_residual(record.image, record.cord_mask, record.relpath, models, settings,
+                                         segment.residual_settings(seg, record.image), args.device, adapter,
+                                         record.control_mask)
+        synchronise(args.device)
+        return result, time.perf_counter() - started, counter.evaluations - before
+
+    residual(healthy[0] if healthy else lesioned[0])  # warm-up
+    forwards_before = counter.forwards
+    per_image = []
+    for record in healthy + lesioned:
+        result, seconds, evaluations = residual(record)
+        per_image.append({"image": record.relpath, "seconds": seconds, "unet_evaluations": evaluations,
+                          "result": result, "record": record})
+    calibration = calibrate([p["result"].residual for p in per_image[: len(healthy)]],
+                            [p["result"].region for p in per_image[: len(healthy)]])
+    dices, oracles = [], []
+    for p in per_image[len(healthy):]:
+        result, record = p["result"], p["record"]
+        mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
+                           seg.min_lesion_mm3, seg.majority_smoothing)
+        truth = _truth(record, mask.shape)
+        dices.append(dice(mask.astype(bool), truth))
+        oracles.append(best_dice_over_thresholds(result.residual, truth, result.region)["oracle_best_dice"])
+    return {
+        "method": args.child, "strengths": list(seg.strengths), "threshold": calibration.threshold,
+        "median_seconds_per_image": statistics.median(p["seconds"] for p in per_image),
+        "median_unet_evaluations_per_image": statistics.median(p["unet_evaluations"] for p in per_image),
+        "forwards": counter.forwards - forwards_before,
+        "peak_memory_bytes": peak_memory_bytes(args.device, baseline),
+        "median_dice": float(np.median(dices)) if dices else None, "dice": [round(d, 4) for d in dices],
+        "median_oracle_dice": float(np.nanmedian(oracles)) if oracles else None,
+        "images": [{"image": p["image"], "seconds": round(p["seconds"], 3), "unet_evaluations": p["unet_evaluations"]}
+                   for p in per_image],
+    }
+
+
+def run_random(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: one method on one random volume of ``--shape``, random weights of ``--preset``."""
+    import numpy as np
+    import torch
+
+    from bids_app.models.unet3d import UNET_PRESETS, UNet3D
+    from bids_app.models.vqgan import PRESETS, VQGAN
+    from bids_app.pipelines.counterfactual import CounterfactualSettings, Window, batch_counterfactuals, prepare_for_inference
+    from bids_app.schedulers import SchedulerConfig
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(PRESETS[args.preset]()).to(args.device)
+    unet = UNet3D(UNET_PRESETS[args.preset](vqgan.config.embedding_dim)).to(args.device)
+    prepare_for_inference(vqgan, unet)
+    counter = CountingUNet(unet)
+    image = np.random.default_rng(0).uniform(-1, 1, size=tuple(args.shape)).astype(np.float32)
+    editable = np.ones(image.shape, bool)
+    settings = method_settings(args.child, CounterfactualSettings(strengths=tuple(args.strength), seed=args.seed))
+    schedule = SchedulerConfig(prediction_type="v_prediction")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def once() -> tuple[float, int]:
+        before, started = counter.evaluations, time.perf_counter()
+        batch_counterfactuals(vqgan, counter, schedule, 1.0, [Window(image, None, editable)], settings, args.device)
+        synchronise(args.device)
+        return time.perf_counter() - started, counter.evaluations - before
+
+    once()
+    runs = [once() for _ in range(args.repeats)]
+    return {"method": args.child, "preset": args.preset, "shape": list(args.shape), "strengths": list(args.strength),
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "median_seconds_per_image": statistics.median(r[0] for r in runs),
+            "unet_evaluations_per_image": runs[0][1],
+            "peak_memory_bytes": peak_memory_bytes(args.device, baseline)}
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"platform": platform.platform(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device, "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+
+
+def table(rows: list[dict[str, Any]], reference: str) -> str:
+    ref = next((r for r in rows if r["method"] == reference), None)
+    lines = ["| method | UNet evaluations / image | s / image | peak memory (MiB) | median Dice | oracle Dice "
+             "| fewer evaluations | faster |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        evaluations = r.get("median_unet_evaluations_per_image", r.get("unet_evaluations_per_image"))
+        ref_evaluations = ref and ref.get("median_unet_evaluations_per_image", ref.get("unet_evaluations_per_image"))
+        fewer = f"{ref_evaluations / evaluations:.1f}x" if ref and evaluations else "-"
+        faster = f"{ref['median_seconds_per_image'] / r['median_seconds_per_image']:.1f}x" if ref else "-"
+        dice_ = f"{r['median_dice']:.3f}" if r.get("median_dice") is not None else "-"
+        oracle = f"{r['median_oracle_dice']:.3f}" if r.get("median_oracle_dice") is not None else "-"
+        lines.append(f"| {r['method']} | {evaluations:g} | {r['median_seconds_per_image']:.2f} | "
+                     f"{r['peak_memory_bytes'] / 2**20:.0f} | {dice_} | {oracle} | {fewer} | {faster} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bids_dir", type=Path, nargs="?")
+    parser.add_argument("model_dir", type=Path, nargs="?")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--strength", type=float, nargs="+", default=None,
+                        help="default: the app's strengths (trained model), 0.4 (random weights, the seed's)")
+    parser.add_argument("--random-weights", action="store_true", help="time one random volume instead")
+    parser.add_argument("--preset", default="default", choices=("tiny", "default"))
+    parser.add_argument("--shape", type=int, nargs=3, default=[16, 64, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-lesion-images", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("counterfactual_cost.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.strength is None:
+        from bids_app.settings import SegmentationSettings
+
+        args.strength = [0.4] if args.random_weights else list(SegmentationSettings().strengths)
+    if not args.random_weights and (args.bids_dir is None or args.model_dir is None):
+        parser.error("BIDS_DIR and MODEL_DIR are needed unless --random-weights")
+    if args.child:
+        result = run_random(args) if args.random_weights else run_trained(args)
+        print(json.dumps(result))
+        return 0
+    rows = []
+    for method in args.methods:
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", method]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(f"{method} failed (exit {done.returncode})")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{method}: {rows[-1]['median_seconds_per_image']:.2f} s/image", file=sys.stderr, flush=True)
+    report = {"machine": machine(args.device), "random_weights": args.random_weights, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["machine"]))
+    print(table(rows, "seed-ddpm-300"))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
