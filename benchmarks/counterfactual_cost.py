@@ -102,7 +102,7 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
     from bids_app.segmentation.metrics import best_dice_over_thresholds, dice
     from bids_app.settings import SegmentationSettings, SelectionSettings
 
-    seg = SegmentationSettings(strengths=tuple(args.strength))
+    seg = SegmentationSettings(strengths=tuple(args.strength), n_samples=args.n_samples)
     models = segment.inference_models(load_trained_models(args.model_dir, args.device), seg)
     counter = CountingUNet(models.unet)
     models = dataclasses.replace(models, unet=counter)
@@ -175,7 +175,8 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
     counter = CountingUNet(unet)
     image = np.random.default_rng(0).uniform(-1, 1, size=tuple(args.shape)).astype(np.float32)
     editable = np.ones(image.shape, bool)
-    settings = method_settings(args.child, CounterfactualSettings(strengths=tuple(args.strength), seed=args.seed))
+    settings = method_settings(args.child, CounterfactualSettings(strengths=tuple(args.strength), seed=args.seed,
+                                                                  n_samples=args.n_samples))
     schedule = SchedulerConfig(prediction_type="v_prediction")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device.startswith("cuda"):
@@ -228,6 +229,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--strength", type=float, nargs="+", default=None,
                         help="default: the app's strengths (trained model), 0.4 (random weights, the seed's)")
+    parser.add_argument("--n-samples", type=int, default=1, help="noise draws per strength (averaged)")
     parser.add_argument("--random-weights", action="store_true", help="time one random volume instead")
     parser.add_argument("--preset", default="default", choices=("tiny", "default"))
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 64, 64])

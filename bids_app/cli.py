@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.5 0.65 0.8); several are "
                "averaged")
     _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
-    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 10)")
+    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 1, the one-step read-out of the clean "
+               "latent: measured fastest and best on the demo model, docs/benchmarks.md)")
     _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
     _flag(seg, "--polarity", choices=("auto", "bright", "dark", "both"),
           help="which residuals are lesion: brighter than the counterfactual, darker, or both (default auto: "
