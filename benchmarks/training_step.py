@@ -1,7 +1,8 @@
 """Training step time, throughput, FLOPs and peak memory of each training stage.
 
     python benchmarks/training_step.py [--preset tiny default] [--stage vqgan vqgan_adv diffusion adapter]
-        [--reference-codes 2048 16384] [--repeats 2] [--device auto] [--out training_step.json]
+        [--reference-codes 2048 16384] [--shape X Y Z] [--batch N] [--repeats 5] [--min-time 20]
+        [--activation-checkpointing preset|on|off] [--device auto] [--out training_step.json]
 
 Stages (``train_step`` of the app's own stage classes, on the preset's settings and architectures):
 ``vqgan`` (VQ-GAN before ``disc_start``: reconstruction + commitment), ``vqgan_adv`` (after it: with the
@@ -14,7 +15,10 @@ architecture, at each codebook size.
 
 Each configuration runs in a fresh interpreter. Its first step is the warm-up and is counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (forward and backward of convolutions, matmuls and
-attention; elementwise work is not counted); then ``--repeats`` timed steps (median reported).
+attention; elementwise work is not counted; a checkpointed block's recomputation is counted); then
+timed steps, up to ``--repeats`` of them or until they took ``--min-time`` seconds (median reported;
+at least one), unless the warm-up alone took ``--long-step`` seconds: a default-preset VQ-GAN step
+takes minutes on 2 CPU cores, and its warm-up step is then the measurement (``time_source``).
 Achieved FLOP/s is set against the machine's dense matmul rate measured at the start of the same
 run (``torch.mm`` of 2048^2 fp32 on CPU; on CUDA in the dtype the stage computes in). Peak memory
 is over all steps, from just before the first one (so it includes the optimiser state the first
@@ -91,8 +95,9 @@ def preset_shape(preset: str) -> tuple[int, int, int]:
 
 
 def build_stage(kind: str, preset: str, shape: Sequence[int], batch: int, device: str,
-                n_codes: int | None = None, seed: int = 0) -> Any:
-    """The app's stage object for ``kind``, configured as ``--preset`` configures it, on random data."""
+                n_codes: int | None = None, checkpointing: bool | None = None, seed: int = 0) -> Any:
+    """The app's stage object for ``kind``, configured as ``--preset`` configures it, on random data;
+    ``checkpointing`` overrides the VQ-GAN stage's ``activation_checkpointing``."""
     from bids_app.models.adapter import AdapterConfig
     from bids_app.models.discriminators import DiscriminatorConfig
     from bids_app.models.unet3d import UNet3D
@@ -112,6 +117,8 @@ def build_stage(kind: str, preset: str, shape: Sequence[int], batch: int, device
     if kind in ("vqgan", "vqgan_adv"):
         stage_settings = dataclasses.replace(settings.training.vqgan, batch_size=batch, accumulation_steps=1,
                                              disc_start=0 if kind == "vqgan_adv" else NEVER, figure_every=0)
+        if checkpointing is not None:
+            stage_settings = dataclasses.replace(stage_settings, activation_checkpointing=checkpointing)
         disc_cfg = DiscriminatorConfig.from_dict(dict(models.discriminator))
         return VQGANStage(vq_cfg, disc_cfg, stage_settings, data, data, device, seed)
     torch.manual_seed(seed)
@@ -147,26 +154,39 @@ def compute_dtype(device: str, preset: str, kind: str) -> str:
     return str(dtype or torch.float32).replace("torch.", "")
 
 
-def measure_step(stage: str, preset: str, shape: Sequence[int], batch: int, device: str = "cpu", repeats: int = 2,
-                 n_codes: int | None = None, threads: int | None = None, label: str = "") -> dict[str, Any]:
-    """Build the stage, run one FLOP-counted warm-up step and ``repeats`` timed ones; peak memory over all."""
+def measure_step(stage: str, preset: str, shape: Sequence[int], batch: int, device: str = "cpu", repeats: int = 5,
+                 min_time: float = 0.0, long_step: float = float("inf"), n_codes: int | None = None,
+                 checkpointing: bool | None = None, threads: int | None = None, label: str = "") -> dict[str, Any]:
+    """Build the stage, run one FLOP-counted warm-up step, then timed steps until ``repeats`` of them or
+    ``min_time`` seconds of them (at least one); peak memory over all steps.
+
+    A warm-up step that took ``long_step`` seconds or more is the only one: its time is reported
+    (``time_source: "warm-up"``). What a warm-up absorbs (allocations, kernel selection, the codebook's
+    initialisation) is a fraction of a second, negligible against such a step; compare ``warmup_s``
+    with ``times_s`` on the shorter rows.
+    """
     if threads:
         torch.set_num_threads(threads)
-    built = build_stage(stage, preset, shape, batch, device, n_codes)
+    built = build_stage(stage, preset, shape, batch, device, n_codes, checkpointing)
     memory = PeakMemory(device)
     memory.start()
-    flops = count_flops(lambda: built.train_step(0))
-    times = [timed(lambda step=step: built.train_step(step), device) for step in range(1, repeats + 1)]
+    flops: list[int] = []
+    warmup = timed(lambda: flops.append(count_flops(lambda: built.train_step(0))), device)
+    times: list[float] = []
+    if warmup < long_step:
+        while len(times) < max(repeats, 1) and not (times and sum(times) >= min_time):
+            times.append(timed(lambda: built.train_step(len(times) + 1), device))
     peak = memory.stop()
-    median = statistics.median(times) if times else float("nan")
+    median = statistics.median(times) if times else warmup
     config = getattr(built, "config", None)
     vq_config = config if stage.startswith("vqgan") else built.vqgan.config
     return {
         "label": label or stage, "stage": stage, "preset": preset, "shape": list(shape), "batch": batch,
-        "n_codes": vq_config.n_codes, "device": device, "threads": torch.get_num_threads(),
-        "dtype": compute_dtype(device, preset, stage), "repeats": repeats, "times_s": times, "median_s": median,
-        "volumes_per_s": batch / median if times else float("nan"), "flops": flops,
-        "flop_per_s": flops / median if times else float("nan"),
+        "n_codes": vq_config.n_codes, "checkpointing": bool(built.model.encoder.checkpointing)
+        if stage.startswith("vqgan") else None, "device": device, "threads": torch.get_num_threads(),
+        "dtype": compute_dtype(device, preset, stage), "repeats": len(times), "warmup_s": warmup, "times_s": times,
+        "time_source": "median of timed steps" if times else "warm-up", "median_s": median,
+        "volumes_per_s": batch / median, "flops": flops[0], "flop_per_s": flops[0] / median,
         "parameters": sum(p.numel() for p in _trained_module(built).parameters()), **peak,
     }
 
@@ -217,7 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="codebook sizes of the 32x128x128 reference step (none: skip it)")
     parser.add_argument("--shape", nargs=3, type=int, help="volume shape for every preset (default: the preset's)")
     parser.add_argument("--batch", type=int, help="batch for every stage (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps after the warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="at most this many timed steps after the warm-up")
+    parser.add_argument("--min-time", type=float, default=20.0,
+                        help="stop timing once the timed steps took this long (seconds; at least one step)")
+    parser.add_argument("--long-step", type=float, default=30.0,
+                        help="a warm-up step this long (seconds) is the only step, and its time is reported")
+    parser.add_argument("--activation-checkpointing", choices=("preset", "on", "off"), default="preset",
+                        help="the VQ-GAN stage's activation_checkpointing (default: as the app runs it)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--matmul-size", type=int, help="matmul side for the machine's rate (2048 CPU, 8192 CUDA)")
@@ -244,12 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dense matmul {size}^2 {dtype}: {rate['flop_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for spec in specs:
-        spec = {**spec, "device": device, "repeats": args.repeats, "threads": args.threads}
+        spec = {**spec, "device": device, "repeats": args.repeats, "min_time": args.min_time, "long_step": args.long_step,
+                "threads": args.threads,
+                "checkpointing": {"preset": None, "on": True, "off": False}[args.activation_checkpointing]}
         print(f"{spec['label']}: {'x'.join(map(str, spec['shape']))}, batch {spec['batch']} ...", flush=True)
         row = summarise([run_child(Path(__file__), spec)], rates)[0]
         rows.append(row)
         print("  " + format_row(row), flush=True)
-    report = {"machine": machine, "matmul": rates, "repeats": args.repeats, "rows": rows}
+    report = {"machine": machine, "matmul": rates, "repeats": args.repeats, "min_time_s": args.min_time,
+              "long_step_s": args.long_step, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     for row in rows:
         if "memory_target_met" in row:
