@@ -127,6 +127,48 @@ def group_count(channels: int, groups: int) -> int:
     return g
 
 
+def _voxel_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(x - mean) / std over the channel axis (float32 at least), the mean and 1 / std."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = h.mean(dim=1, keepdim=True)
+    centred = h - mean
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=1, keepdim=True) + eps)
+    return centred.mul_(rstd), mean, rstd
+
+
+class _VoxelNormFunction(torch.autograd.Function):
+    """Voxel norm keeping only its input and the per-voxel mean and 1 / std for the backward.
+
+    Autograd through the plain formula keeps two more full-size tensors per norm (the centred and the
+    normalised input); at full resolution they are a large part of a training step's memory. The
+    normalised input is recomputed in the backward from the saved statistics instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        normalised, mean, rstd = _voxel_statistics(x, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return normalised.mul_(weight.view(shape)).add_(bias.view(shape)).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.to(mean.dtype)
+        normalised = (x.to(mean.dtype) - mean).mul_(rstd)
+        dims = [0, *range(2, x.dim())]
+        grad_weight = (grad * normalised).sum(dim=dims) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=dims) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight.view((1, -1) + (1,) * (x.dim() - 2))
+            # d/dx of (x - mean) * rstd: rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+            projection = (g * normalised).mean(dim=1, keepdim=True)
+            grad_x = g.sub_(g.mean(dim=1, keepdim=True)).sub_(normalised.mul_(projection)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
 class VoxelNorm(nn.Module):
     """LayerNorm over the channels of each voxel: like GroupNorm(1) without spatial statistics, hence local."""
 
@@ -137,12 +179,11 @@ class VoxelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        mean = h.mean(dim=1, keepdim=True)
-        var = (h - mean).pow(2).mean(dim=1, keepdim=True)
-        h = (h - mean) * torch.rsqrt(var + self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _VoxelNormFunction.apply(x, self.weight, self.bias, self.eps)
+        normalised, _, _ = _voxel_statistics(x, self.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (h * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+        return normalised.mul_(self.weight.view(shape)).add_(self.bias.view(shape)).to(x.dtype)
 
 
 def make_norm(kind: str, channels: int, groups: int) -> nn.Module:
