@@ -50,6 +50,13 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def preset_settings(preset: str) -> Any:
+    """The run settings a group-level run with ``--preset`` resolves to (paths are placeholders)."""
+    from bids_app.settings import build_settings
+
+    return build_settings({"bids_dir": "bids", "output_dir": "out", "analysis_level": "group", "preset": preset})
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -47,6 +47,7 @@ from benchmarks.measurement import (  # noqa: E402
     machine_info,
     matmul_rate,
     mib,
+    preset_settings,
     resolve_device,
     run_child,
     timed,
@@ -78,13 +79,6 @@ class SyntheticVolumes:
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         return {"image": image, "valid": torch.ones_like(image, dtype=torch.bool), "control": self.controls[index]}
-
-
-def preset_settings(preset: str):
-    """The run settings a group-level run with ``--preset`` resolves to (paths are placeholders)."""
-    from bids_app.settings import build_settings
-
-    return build_settings({"bids_dir": "bids", "output_dir": "out", "analysis_level": "group", "preset": preset})
 
 
 def preset_shape(preset: str) -> tuple[int, int, int]:
