@@ -1,7 +1,7 @@
 """Training step time, throughput, FLOPs and peak memory of each training stage.
 
     python benchmarks/training_step.py [--preset tiny default] [--stage vqgan vqgan_adv diffusion adapter]
-        [--reference-codes 2048 16384] [--shape X Y Z] [--batch N] [--repeats 5] [--min-time 20]
+        [--reference-codes 2048 16384] [--shape X Y Z] [--batch [PRESET=]N ...] [--repeats 5] [--min-time 20]
         [--activation-checkpointing preset|on|off] [--device auto] [--out training_step.json]
 
 Stages (``train_step`` of the app's own stage classes, on the preset's settings and architectures):
@@ -190,19 +190,34 @@ def _trained_module(stage: Any) -> torch.nn.Module:
 
 
 def configurations(presets: Sequence[str], stages: Sequence[str], reference_codes: Sequence[int],
-                   shape: Sequence[int] | None = None, batch: int | None = None) -> list[dict[str, Any]]:
-    """The measurement specs a run makes, in order: presets x stages, then the reference steps."""
+                   shape: Sequence[int] | None = None, batch: int | dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The measurement specs a run makes, in order: presets x stages, then the reference steps.
+    ``batch``: one for every preset, or per preset name (others keep the preset's)."""
     specs = []
     for preset in presets:
         settings = preset_settings(preset).training
+        wanted = batch.get(preset) if isinstance(batch, dict) else batch
         for stage in stages:
-            stage_batch = batch or getattr(settings, "vqgan" if stage.startswith("vqgan") else stage).batch_size
+            stage_batch = wanted or getattr(settings, "vqgan" if stage.startswith("vqgan") else stage).batch_size
             specs.append({"stage": stage, "preset": preset, "shape": list(shape or preset_shape(preset)),
                           "batch": stage_batch, "label": f"{preset} {stage}"})
     for codes in reference_codes:
         specs.append({"stage": "vqgan_adv", "preset": "default", "shape": list(REFERENCE_SHAPE), "batch": 1,
                       "n_codes": codes, "label": f"reference vqgan_adv {codes} codes"})
     return specs
+
+
+def parse_batch(values: Sequence[str]) -> int | dict[str, int] | None:
+    """``["1"]`` -> 1; ``["default=1", "tiny=4"]`` -> per preset; ``[]`` -> None (the presets' own)."""
+    per_preset: dict[str, int] = {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        if not name:
+            return int(number)
+        if name not in PRESET_NAMES:
+            raise SystemExit(f"--batch {value}: unknown preset {name!r}")
+        per_preset[name] = int(number)
+    return per_preset or None
 
 
 def summarise(rows: list[dict[str, Any]], rates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference-codes", nargs="*", type=int, default=[2048, 16384],
                         help="codebook sizes of the 32x128x128 reference step (none: skip it)")
     parser.add_argument("--shape", nargs=3, type=int, help="volume shape for every preset (default: the preset's)")
-    parser.add_argument("--batch", type=int, help="batch for every stage (default: the preset's)")
+    parser.add_argument("--batch", nargs="*", default=[], metavar="[PRESET=]N",
+                        help="batch for every stage of every preset (N) or of one preset (default=1); "
+                             "default: the preset's")
     parser.add_argument("--repeats", type=int, default=5, help="at most this many timed steps after the warm-up")
     parser.add_argument("--min-time", type=float, default=20.0,
                         help="stop timing once the timed steps took this long (seconds; at least one step)")
@@ -250,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    specs = configurations(args.preset, args.stage, args.reference_codes, args.shape, args.batch)
+    specs = configurations(args.preset, args.stage, args.reference_codes, args.shape, parse_batch(args.batch))
     machine = machine_info(device)
     print(f"machine: {machine['platform']}, {machine['cpu']} ({machine['cpu_count']} cores)"
           f"{', ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
@@ -262,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates[dtype] = matmul_rate(device, size, dtype=getattr(torch, dtype))
     for dtype, rate in rates.items():
         print(f"dense matmul {size}^2 {dtype}: {rate['flop_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    report = {"machine": machine, "matmul": rates, "repeats": args.repeats, "min_time_s": args.min_time,
+              "long_step_s": args.long_step, "rows": rows}
     for spec in specs:
         spec = {**spec, "device": device, "repeats": args.repeats, "min_time": args.min_time, "long_step": args.long_step,
                 "threads": args.threads,
@@ -271,9 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = summarise([run_child(Path(__file__), spec)], rates)[0]
         rows.append(row)
         print("  " + format_row(row), flush=True)
-    report = {"machine": machine, "matmul": rates, "repeats": args.repeats, "min_time_s": args.min_time,
-              "long_step_s": args.long_step, "rows": rows}
-    args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(report, indent=2))  # after every row: a long run keeps what it measured
     for row in rows:
         if "memory_target_met" in row:
             verdict = "met" if row["memory_target_met"] else "MISSED"

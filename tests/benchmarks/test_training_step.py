@@ -82,6 +82,9 @@ def test_configurations_follow_the_presets() -> None:
     assert reference == {"stage": "vqgan_adv", "preset": "default", "shape": [32, 128, 128], "batch": 1,
                          "n_codes": 16384, "label": "reference vqgan_adv 16384 codes"}
     assert configurations(["tiny"], ["adapter"], [], shape=[8, 8, 8], batch=3)[0]["batch"] == 3
+    per_preset = configurations(["tiny", "default"], ["vqgan"], [], batch=training_step.parse_batch(["default=1"]))
+    assert [s["batch"] for s in per_preset] == [2, 1]
+    assert training_step.parse_batch(["4"]) == 4 and training_step.parse_batch([]) is None
 
 
 def test_summary_judges_the_reference_memory_target() -> None:
