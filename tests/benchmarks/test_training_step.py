@@ -67,6 +67,16 @@ def test_the_counted_step_includes_the_backward() -> None:
     assert 2.5 * forward < step < 3.5 * forward, (forward, step)
 
 
+def test_the_count_is_flop_counter_modes() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage = training_step.build_stage("adapter", "tiny", SHAPE, 1, "cpu")
+    mode = FlopCounterMode(display=False)
+    with mode:
+        stage.train_step(0)
+    assert count_flops(lambda: stage.train_step(1)) == mode.get_total_flops() > 0
+
+
 def test_long_warm_up_is_the_only_step() -> None:
     row = measure_step("diffusion", "tiny", SHAPE, 1, repeats=5, long_step=0.0)
     assert row["times_s"] == [] and row["time_source"] == "warm-up" and row["median_s"] == row["warmup_s"]
