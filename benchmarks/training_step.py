@@ -8,8 +8,8 @@ Stages (``train_step`` of the app's own stage classes, on the preset's settings 
 ``vqgan`` (VQ-GAN before ``disc_start``: reconstruction + commitment), ``vqgan_adv`` (after it: with the
 2D and 3D discriminators, their loss and feature matching), ``diffusion`` (the frozen VQ-GAN encodes,
 the UNet trains) and ``adapter`` (frozen VQ-GAN and UNet, the T2I-Adapter trains). Shapes: each
-preset's ``preprocessing.max_shape`` (the volume the plan gives data at least that large: tiny
-32^3, default 64x64x128) and its batch size, or ``--shape``/``--batch``. The reference point of issue
+preset's ``preprocessing.max_shape`` (the plan's volume for any data with a field of view at least
+that large: tiny 32^3, default 64x64x128) and its batch size, or ``--shape``/``--batch``. The reference point of issue
 10 (``--reference-codes``): a VQ-GAN step with discriminators on one 32x128x128 volume, default
 architecture, at each codebook size.
 
