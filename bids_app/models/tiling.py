@@ -6,9 +6,11 @@ split into any number of tiles (counts need not divide the shape), and
 
 * each tile owns a *core* ``[b_i, b_{i+1})`` of a base partition; neighbouring cores are widened into each
   other by ``overlap`` latent voxels and blended there with a cosine ramp ``r`` and ``1 - r``, so the
-  separable product of the per-axis weights is a partition of unity (and the sum is divided out anyway);
-* each tile is decoded with ``halo`` extra latent voxels of context on every side that is not the volume
-  border, and the context is cropped off the decoded output. With a halo at least the decoder's receptive
+  separable product of the per-axis weights is a partition of unity (and the sum, separable too, is divided
+  out anyway, axis by axis);
+* each tile is decoded with at least ``halo`` extra latent voxels of context on every side that is not the
+  volume border (all tiles of an axis are decoded with the same extent: border tiles take more context
+  inwards), and the context is cropped off the decoded output. With a halo at least the decoder's receptive
   radius and a decoder whose normalisation is per voxel, every kept output voxel is computed from exactly
   the same inputs as in a whole-volume decode: tiled decoding is exact up to float rounding.
 
@@ -91,7 +93,20 @@ def split_axis(n: int, count: int, overlap: int = 2, halo: int = 0, factor: int 
             weight[weight.numel() - ramp.numel() :] = 1.0 - ramp
         decode = (max(0, keep[0] - halo), min(n, keep[1] + halo))
         tiles.append(AxisTile(decode, keep, weight))
-    return tiles
+    return _equal_extents(tiles, n)
+
+
+def _equal_extents(tiles: list[AxisTile], n: int) -> list[AxisTile]:
+    """Widen every tile's decode range to the longest one's (inwards from the border): more context
+    never changes a kept voxel, and tiles of one shape let the memory of one tile be reused by the
+    next (tiles of many sizes fragment the CPU heap, whose resident size then grows with the number
+    of tiles) and the convolutions reuse their kernels."""
+    length = max(t.decode[1] - t.decode[0] for t in tiles)
+    widened = []
+    for t in tiles:
+        start = min(t.decode[0], n - length)
+        widened.append(AxisTile((start, start + length), t.keep, t.weight))
+    return widened
 
 
 def _tile_extent(n: int, count: int, overlap: int, halo: int) -> int:
@@ -176,23 +191,52 @@ def decode_with_tiles(
 ) -> Tensor:
     """Decode ``latent`` (B, C, X, Y, Z) tile by tile with ``decode`` and blend the tiles by ``plan``.
 
-    Only one tile's decoded output is alive at a time besides the full-size accumulators.
+    Besides the output itself only one tile's decoded output (and its weight) is alive at a time: the
+    blended sum is accumulated in the output, and the sum of the weights is divided out in place, one
+    axis at a time, because a plan from :func:`plan_tiles` is a product of per-axis tilings and its
+    weight sum is therefore a product of per-axis sums (no full-size weight volume is ever built; one
+    in float64, as before, took twice the output's memory and made the peak grow with the volume).
     """
     factor = _as_triple(tuple(factors), "factors")
     out_spatial = tuple(n * f for n, f in zip(latent.shape[2:], factor))
+    totals = _axis_weight_sums(plan, out_spatial)
     output: Tensor | None = None
-    total = torch.zeros(out_spatial, dtype=torch.float64, device=latent.device)
     for tile in plan:
         piece = decode(latent[(slice(None), slice(None), *tile.latent)])
         piece = piece[(slice(None), slice(None), *tile.crop)]
         if output is None:  # accumulate in at least float32 even when the decoder runs in half precision
             dtype = torch.promote_types(piece.dtype, torch.float32)
             output = torch.zeros(*piece.shape[:2], *out_spatial, dtype=dtype, device=piece.device)
-        weight = tile.weight(dtype=torch.float64, device=latent.device)
-        output[(slice(None), slice(None), *tile.output)] += piece.to(output.dtype) * weight.to(output.dtype)
-        total[tile.output] += weight
+        weight = tile.weight(dtype=torch.float64, device=piece.device).to(output.dtype)
+        output[(slice(None), slice(None), *tile.output)].addcmul_(piece, weight)
+        del piece, weight
     if output is None:
         raise ValueError("empty tile plan")
-    if bool((total <= 0).any()):
-        raise ValueError("tile plan leaves output voxels uncovered")
-    return output / total.to(output.dtype)
+    for axis, total in enumerate(totals):
+        shape = [1] * output.dim()
+        shape[2 + axis] = -1
+        output.div_(total.to(device=output.device, dtype=output.dtype).view(shape))
+    return output
+
+
+def _axis_weight_sums(plan: Sequence[Tile], out_spatial: Sequence[int]) -> list[Tensor]:
+    """Per axis, the sum of the per-axis weights of the plan's distinct tiles along it (float64).
+
+    Raises ValueError when the plan is not the product of its per-axis tilings (the weight sum would
+    then not be separable) or when it leaves output voxels uncovered.
+    """
+    axis_tiles: list[dict[tuple[int, int], Tensor]] = [{}, {}, {}]
+    for tile in plan:
+        for axis in range(3):
+            axis_tiles[axis].setdefault((tile.output[axis].start, tile.output[axis].stop), tile.weights[axis])
+    if len(plan) != math.prod(len(tiles) for tiles in axis_tiles) or len({tuple((o.start, o.stop) for o in t.output) for t in plan}) != len(plan):
+        raise ValueError("tile plan is not a product of per-axis tilings (use plan_tiles)")
+    totals = []
+    for axis, tiles in enumerate(axis_tiles):
+        total = torch.zeros(out_spatial[axis], dtype=torch.float64)
+        for (start, stop), weight in tiles.items():
+            total[start:stop] += weight
+        if bool((total <= 0).any()):
+            raise ValueError("tile plan leaves output voxels uncovered")
+        totals.append(total)
+    return totals

@@ -72,7 +72,7 @@ class VQGANStage:
         self.config, self.disc_config, self.settings = config, disc_config, settings
         self.train_data, self.validation_data = train_data, validation_data
         self.device, self.seed, self.figures_dir, self.dist = device, seed, figures_dir, dist
-        self.model = VQGAN(config).to(device)
+        self.model = VQGAN(config).to(device).set_activation_checkpointing(settings.activation_checkpointing)
         self.d2, self.d3 = (d.to(device) if d is not None else None for d in build_discriminators(disc_config))
         self._synchronise_codebook()
         # The wrapped modules train; the plain ones are checkpointed, validated and exported.

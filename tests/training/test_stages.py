@@ -106,3 +106,12 @@ def test_a_bad_perceptual_file_is_refused(tmp_path: Path) -> None:
     settings = VQGANStageSettings(max_steps=2, perceptual_weights=path)
     with pytest.raises(BadDataError, match="TorchScript"):
         VQGANStage(tiny_config(), DISC, settings, TensorVolumes(), TensorVolumes(), "cpu", seed=5)
+
+
+def test_vqgan_stage_checkpoints_activations_unless_switched_off() -> None:
+    assert VQGANStageSettings().activation_checkpointing
+    assert vq_stage().model.decoder.checkpointing
+    data = TensorVolumes()
+    settings = VQGANStageSettings(max_steps=2, batch_size=2, figure_every=0, activation_checkpointing=False)
+    stage = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5)
+    assert not stage.model.encoder.checkpointing and not stage.model.decoder.checkpointing
