@@ -19,8 +19,9 @@ The second form times the same methods on random weights (cost does not depend o
 one volume of ``--shape`` at a preset's model size: the issue's reference point is a 16x64x64
 image at strength 0.4 with the seed's 10 M-parameter UNet (46 s, 120 evaluations, on 2 cores).
 
-Each method runs in a fresh subprocess, so its peak memory is its own: ``cuda.max_memory_allocated``
-on CUDA, the peak resident-set growth over the loaded models on CPU. Times are medians over the
+Each method runs in a fresh subprocess; peak memory (``benchmarks.measurement.PeakMemory``) is
+``cuda.max_memory_allocated`` on CUDA, on CPU the resident-set growth over the loaded models
+during the timed images. Times are medians over the
 images after one warm-up image; UNet evaluations count one per chain and step (a batched forward
 of 9 chains counts 9), forwards count the calls.
 """
@@ -29,8 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.measurement import PeakMemory, machine_info, synchronize  # noqa: E402
 
 METHODS = ("seed-ddpm-300", "ddim-50", "ddim-20", "ddim-10", "ddim-5", "x0-readout", "ddim-10-unbatched")
 SEED_CHAIN = 300
@@ -73,25 +74,9 @@ class CountingUNet:
         return getattr(self.unet, name)
 
 
-def peak_memory_bytes(device: str, baseline: int) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
-
-
-def synchronise(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_trained(args: argparse.Namespace) -> dict[str, Any]:
     """Child: one method over the validation and lesion images of a trained model."""
     import numpy as np
-    import torch
 
     from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout
     from bids_app.model_store import load_trained_models
@@ -102,7 +87,7 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
     from bids_app.segmentation.metrics import best_dice_over_thresholds, dice
     from bids_app.settings import SegmentationSettings, SelectionSettings
 
-    seg = SegmentationSettings(strengths=tuple(args.strength), n_samples=args.n_samples)
+    seg = SegmentationSettings(strengths=tuple(args.strength), n_samples=args.n_samples, compile=args.compile)
     models = segment.inference_models(load_trained_models(args.model_dir, args.device), seg)
     counter = CountingUNet(models.unet)
     models = dataclasses.replace(models, unet=counter)
@@ -113,10 +98,6 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
     lesioned = [r for r in records if r.lesion_mask is not None][: args.max_lesion_images]
     base = segment.counterfactual_settings(seg, args.seed)
     adapter = segment.adapter_for(models, seg)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
     settings = method_settings(args.child, base)
 
     def residual(record) -> tuple[Any, float, int]:
@@ -125,16 +106,19 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
         result = segment.native_residual(record.image, record.cord_mask, record.relpath, models, settings,
                                          segment.residual_settings(seg, record.image), args.device, adapter,
                                          record.control_mask)
-        synchronise(args.device)
+        synchronize(args.device)
         return result, time.perf_counter() - started, counter.evaluations - before
 
     residual(healthy[0] if healthy else lesioned[0])  # warm-up
+    memory = PeakMemory(args.device)
+    memory.start()
     forwards_before = counter.forwards
     per_image = []
     for record in healthy + lesioned:
         result, seconds, evaluations = residual(record)
         per_image.append({"image": record.relpath, "seconds": seconds, "unet_evaluations": evaluations,
                           "result": result, "record": record})
+    peak_bytes = memory.stop()["peak_bytes"]
     calibration = calibrate([p["result"].residual for p in per_image[: len(healthy)]],
                             [p["result"].region for p in per_image[: len(healthy)]])
     dices, oracles = [], []
@@ -150,7 +134,7 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
         "median_seconds_per_image": statistics.median(p["seconds"] for p in per_image),
         "median_unet_evaluations_per_image": statistics.median(p["unet_evaluations"] for p in per_image),
         "forwards": counter.forwards - forwards_before,
-        "peak_memory_bytes": peak_memory_bytes(args.device, baseline),
+        "peak_memory_bytes": peak_bytes,
         "median_dice": float(np.median(dices)) if dices else None, "dice": [round(d, 4) for d in dices],
         "median_oracle_dice": float(np.nanmedian(oracles)) if oracles else None,
         "images": [{"image": p["image"], "seconds": round(p["seconds"], 3), "unet_evaluations": p["unet_evaluations"]}
@@ -178,32 +162,22 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
     settings = method_settings(args.child, CounterfactualSettings(strengths=tuple(args.strength), seed=args.seed,
                                                                   n_samples=args.n_samples))
     schedule = SchedulerConfig(prediction_type="v_prediction")
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
     def once() -> tuple[float, int]:
         before, started = counter.evaluations, time.perf_counter()
         batch_counterfactuals(vqgan, counter, schedule, 1.0, [Window(image, None, editable)], settings, args.device)
-        synchronise(args.device)
+        synchronize(args.device)
         return time.perf_counter() - started, counter.evaluations - before
 
     once()
+    memory = PeakMemory(args.device)
+    memory.start()
     runs = [once() for _ in range(args.repeats)]
+    peak_bytes = memory.stop()["peak_bytes"]
     return {"method": args.child, "preset": args.preset, "shape": list(args.shape), "strengths": list(args.strength),
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "median_seconds_per_image": statistics.median(r[0] for r in runs),
             "unet_evaluations_per_image": runs[0][1],
-            "peak_memory_bytes": peak_memory_bytes(args.device, baseline)}
-
-
-def machine(device: str) -> dict[str, Any]:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"platform": platform.platform(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": device, "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+            "peak_memory_bytes": peak_bytes}
 
 
 def table(rows: list[dict[str, Any]], reference: str) -> str:
@@ -230,6 +204,7 @@ def main() -> int:
     parser.add_argument("--strength", type=float, nargs="+", default=None,
                         help="default: the app's strengths (trained model), 0.4 (random weights, the seed's)")
     parser.add_argument("--n-samples", type=int, default=1, help="noise draws per strength (averaged)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the app's --compile)")
     parser.add_argument("--random-weights", action="store_true", help="time one random volume instead")
     parser.add_argument("--preset", default="default", choices=("tiny", "default"))
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 64, 64])
@@ -259,7 +234,7 @@ def main() -> int:
             raise SystemExit(f"{method} failed (exit {done.returncode})")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{method}: {rows[-1]['median_seconds_per_image']:.2f} s/image", file=sys.stderr, flush=True)
-    report = {"machine": machine(args.device), "random_weights": args.random_weights, "rows": rows}
+    report = {"machine": machine_info(args.device), "random_weights": args.random_weights, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["machine"]))
     print(table(rows, "seed-ddpm-300"))
