@@ -1,6 +1,6 @@
 """End to end: group-level wall time of the demo and seconds per image at the participant level.
 
-    python benchmarks/end_to_end.py WORKDIR [--participant-only] [--out end_to_end.json] [-- EXTRA RUN.PY ARGS]
+    python benchmarks/end_to_end.py WORKDIR [--participant-only] [--out end_to_end.json] [RUN.PY OPTIONS ...]
 
 Generates the demo's phantom dataset in WORKDIR/bids (``bids_app.demo.DEMO_DATASET``), then runs
 ``run.py WORKDIR/bids WORKDIR/out group`` with the demo's budget (tiny preset,
@@ -9,7 +9,8 @@ and timed from the outside (so interpreter start, data loading, calibration, rep
 all count). Per image, the participant level records the seconds of its counterfactual synthesis
 (``*_evaluation.json``, field ``seconds``); the table gives their median and range next to the
 participant level's wall time divided by the number of images (which adds I/O, the writers, the
-reports and the BIDS validator). ``--participant-only`` reuses WORKDIR/out/models (no training).
+reports and the BIDS validator). ``--participant-only`` reuses WORKDIR/out/models (no training);
+options the script does not know go to both run.py calls.
 """
 from __future__ import annotations
 
@@ -41,9 +42,7 @@ def main() -> int:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--participant-only", action="store_true", help="reuse WORKDIR/out/models")
     parser.add_argument("--out", type=Path, default=Path("end_to_end.json"))
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more run.py arguments, after --")
-    args = parser.parse_args()
-    extra = [a for a in args.extra if a != "--"]
+    args, extra = parser.parse_known_args()  # anything else goes to run.py (e.g. --omp-nthreads 1)
     bids, out = args.workdir / "bids", args.workdir / "out"
     if not (bids / "dataset_description.json").is_file():
         generate_dataset(bids, seed=0, **DEMO_DATASET)
