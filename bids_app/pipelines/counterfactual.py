@@ -143,29 +143,41 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.device.type == "cpu" and x.dim() == 5 else x
 
 
-def avoid_single_batch(fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest: Any) -> torch.Tensor:
-    """``fn(x, *rest)``, run on two copies when ``x`` is a single CPU volume, keeping the first.
+#: torch's CPU convolution takes oneDNN for a batch of one only when N*C*D*H exceeds this (any
+#: 3x3x3 kernel; the last axis is not counted); below it, the reference ``slow_conv3d``.
+SLOW_CONV_LIMIT = 20480
 
-    For a batch of one, torch's CPU convolution leaves oneDNN for its reference ``slow_conv3d``
-    whenever N*C*D*H <= 20480 (it ignores the last axis), which covers every 3x3x3 conv here:
-    measured on 2 cores, a 16x64x64 one-window counterfactual with the tiny models took 1.5 s, 96%
-    of it in ``slow_conv3d``, and the tiny UNet ran a 16^3 latent in 62 ms alone but 52 ms for two.
-    Per-sample tensors (``rest``: timesteps, adapter features) are doubled alike.
+
+def avoid_single_batch(fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest: Any, width: int) -> torch.Tensor:
+    """``fn(x, *rest)``; a single CPU volume whose main layers would take torch's slow path runs as
+    two copies (the first kept).
+
+    ``width`` is C*D*H of the model's full-resolution layers for one sample (where its cost is).
+    Measured on 2 cores: a 16x64x64 one-window counterfactual with the tiny models took 1.5 s alone,
+    96% of it in ``slow_conv3d``, and 0.18 s as pairs; the default VQ-GAN (64 channels at full
+    resolution) is past the limit and would only pay twice. Per-sample tensors in ``rest``
+    (timesteps, lists of adapter features) are doubled alike.
     """
-    if x.device.type != "cpu" or x.shape[0] != 1:
+    if x.device.type != "cpu" or x.shape[0] != 1 or width > SLOW_CONV_LIMIT:
         return fn(x, *rest)
     twice = [torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 else a for a in rest]
     twice = [[torch.cat([f, f]) for f in a] if isinstance(a, list) else a for a in twice]
     return fn(torch.cat([x, x]), *twice)[:1]
 
 
-def _batched(tensors: Sequence[torch.Tensor], size: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """``fn`` over the tensors (batch 1 each) in concatenated batches of at most ``size``; split back."""
+def _batched(tensors: Sequence[torch.Tensor], size: int, fn: Callable[[torch.Tensor], torch.Tensor],
+             width: Callable[[torch.Tensor], int]) -> list[torch.Tensor]:
+    """``fn`` over the tensors (batch 1 each) in concatenated batches of at most ``size``; split back.
+    ``width(x)``: see :func:`avoid_single_batch`."""
     results: list[torch.Tensor] = []
     for first in range(0, len(tensors), size):
-        group = tensors[first:first + size]
-        results.extend(avoid_single_batch(fn, torch.cat(list(group))).split(1))
+        group = torch.cat(list(tensors[first:first + size]))
+        results.extend(avoid_single_batch(fn, group, width=width(group)).split(1))
     return results
+
+
+def _full_resolution_width(vqgan: torch.nn.Module, image_shape: Sequence[int]) -> int:
+    return int(vqgan.config.n_hiddens * image_shape[0] * image_shape[1])
 
 
 def _conditioned_model(unet: torch.nn.Module, dtype: torch.dtype | None) -> Callable:
@@ -179,8 +191,9 @@ def _conditioned_model(unet: torch.nn.Module, dtype: torch.dtype | None) -> Call
             filled = [c if c is not None else [torch.zeros_like(f) for f in template] for c in conditions]
             features = [_layout(torch.cat([c[level] for c in filled])) for level in range(len(template))]
         with torch.autocast(z.device.type, dtype=dtype, enabled=dtype is not None):
-            output = (avoid_single_batch(unet, _layout(z), t, features) if features is not None
-                      else avoid_single_batch(unet, _layout(z), t))
+            width = int(unet.config.base_channels * z.shape[2] * z.shape[3])
+            output = (avoid_single_batch(unet, _layout(z), t, features, width=width) if features is not None
+                      else avoid_single_batch(unet, _layout(z), t, width=width))
         return output.float()
     return model_fn
 
@@ -218,7 +231,8 @@ def batch_counterfactuals(
     """
     size = settings.batch_size
     images = [torch.from_numpy(np.ascontiguousarray(w.image, dtype=np.float32))[None, None].to(device) for w in inputs]
-    latents = _batched(images, size, lambda x: encode(vqgan, _layout(x), latent_scale))
+    latents = _batched(images, size, lambda x: encode(vqgan, _layout(x), latent_scale),
+                       lambda x: _full_resolution_width(vqgan, x.shape[2:]))
     chains: list[tuple[int, float, int, Chain]] = []
     for w, (window, z0) in enumerate(zip(inputs, latents)):
         editable = None
@@ -262,7 +276,9 @@ def _decode_all(vqgan: torch.nn.Module, latents: Sequence[torch.Tensor], scale: 
                 settings: CounterfactualSettings) -> list[torch.Tensor]:
     """Decode latents in batches; one at a time when tiled decoding bounds the memory."""
     size = 1 if settings.max_latent_voxels is not None else settings.batch_size
-    return _batched([_layout(z) for z in latents], size, lambda z: decode(vqgan, z, scale, settings.max_latent_voxels))
+    factors = vqgan.config.downsample
+    return _batched([_layout(z) for z in latents], size, lambda z: decode(vqgan, z, scale, settings.max_latent_voxels),
+                    lambda z: _full_resolution_width(vqgan, [n * f for n, f in zip(z.shape[2:], factors)]))
 
 
 def counterfactuals(

@@ -127,7 +127,7 @@ def test_inference_settings_are_checked() -> None:
 class _Counting(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
-        self.unet, self.evaluations = unet, 0
+        self.unet, self.evaluations, self.config = unet, 0, unet.config
 
     def forward(self, z, t, *rest):
         single = z.shape[0] == 2 and torch.equal(z[0], z[1])  # one chain, run twice (avoid_single_batch)
@@ -170,8 +170,10 @@ def test_a_single_volume_runs_as_a_pair_on_cpu_and_gives_the_same_result() -> No
         return conv(x) + t.view(-1, 1, 1, 1, 1) + features[0]
 
     x, t, f = torch.randn(1, 2, 4, 5, 6), torch.ones(1), [torch.randn(1, 3, 4, 5, 6)]
-    out = avoid_single_batch(fn, x, t, f)
+    out = avoid_single_batch(fn, x, t, f, width=2 * 4 * 5)
     assert seen == [(2, 2, 2)] and out.shape == (1, 3, 4, 5, 6)
     torch.testing.assert_close(out, conv(x) + 1 + f[0], atol=1e-5, rtol=1e-5)
-    avoid_single_batch(fn, torch.randn(3, 2, 4, 5, 6), torch.ones(3), [torch.randn(3, 3, 4, 5, 6)])
+    avoid_single_batch(fn, torch.randn(3, 2, 4, 5, 6), torch.ones(3), [torch.randn(3, 3, 4, 5, 6)], width=40)
     assert seen[-1] == (3, 3, 3), "real batches pass unchanged"
+    avoid_single_batch(fn, x, t, f, width=64 * 16 * 64)
+    assert seen[-1] == (1, 1, 1), "layers wide enough for oneDNN alone are not run twice"
