@@ -5,6 +5,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -78,3 +79,14 @@ def tiny_model(simple_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 def participant_args(model_dir: Path) -> list[str]:
     """Participant-level flags that use the tiny test model with few denoising steps."""
     return ["--model-dir", str(model_dir), "--steps", "2", "--strength", "0.5"]
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core box a preempted OpenMP thread makes 2-thread 3D convs ~15x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -67,3 +67,9 @@ def test_yaml_config_and_errors(tmp_path: Path) -> None:
         load_config_file(listed)
     with pytest.raises(UsageError, match="cannot read"):
         load_config_file(tmp_path / "missing.yaml")
+
+
+def test_activation_checkpointing_only_where_memory_is_the_limit() -> None:
+    """The default (GPU-sized) preset recomputes VQ-GAN activations; the CPU-sized tiny preset does not."""
+    assert build_settings(BASE).training.vqgan.activation_checkpointing
+    assert not build_settings({**BASE, "preset": "tiny"}).training.vqgan.activation_checkpointing

@@ -1,20 +1,12 @@
 """benchmarks/tiled_decoding.py at a small size: rows, the budget, and the 4x-volume verdict."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
-import torch
 
 from benchmarks.tiled_decoding import TARGET_RATIO, measure, memory_checks, specs
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_a_row_reports_the_decodes_own_peak() -> None:

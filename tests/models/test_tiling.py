@@ -1,8 +1,6 @@
 """Tiled decoding: plans cover every output voxel once (weights sum to 1); tiled == whole decoding."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
@@ -13,13 +11,7 @@ from bids_app.models.vqgan import VQGAN, VQGANConfig
 EXACT_TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box a preempted OpenMP thread makes 2-thread 3D convs ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def weight_sum(plan, out_shape) -> torch.Tensor:  # noqa: ANN001

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import math
 
-from typing import Iterator
-
 import pytest
 import torch
 
@@ -17,13 +15,7 @@ OVERFIT_STEPS = 120
 OVERFIT_L1_BOUND = 0.04
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box a preempted OpenMP thread makes 2-thread 3D convs ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(**overrides) -> VQGAN:  # noqa: ANN003
