@@ -136,6 +136,8 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
         oracles.append(best_dice_over_thresholds(result.residual, truth, result.region)["oracle_best_dice"])
     return {
         "method": args.child, "strengths": list(seg.strengths), "threshold": calibration.threshold,
+        "window_shape": list(models.plan.target_shape),
+        "model_space_shapes": [list(p["result"].preprocessed.image.shape) for p in per_image],
         "median_seconds_per_image": statistics.median(p["seconds"] for p in per_image),
         "median_unet_evaluations_per_image": statistics.median(p["unet_evaluations"] for p in per_image),
         "forwards": counter.forwards - forwards_before,
@@ -242,6 +244,8 @@ def main() -> int:
     report = {"machine": machine_info(args.device), "random_weights": args.random_weights, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["machine"]))
+    shapes = {key: rows[0][key] for key in ("window_shape", "model_space_shapes", "shape", "preset") if key in rows[0]}
+    print(json.dumps(shapes))
     print(table(rows, "seed-ddpm-300"))
     return 0
 
