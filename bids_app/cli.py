@@ -86,12 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = parser.add_argument_group("segmentation (participant level)")
     _flag(seg, "--strength", nargs="+", type=float, metavar="S",
-          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.5 0.65 0.8); several are "
+          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.8); several are "
                "averaged")
     _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
     _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 1, the one-step read-out of the clean "
                "latent: measured fastest and best on the demo model, docs/benchmarks.md)")
     _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
+    _flag(seg, "--noising", choices=("patch", "region"),
+          help="patch (default): noise one small latent patch of the cord at a time, the rest kept clean, so the real "
+               "surroundings decide what healthy tissue goes there; region: noise the whole cord at once")
     _flag(seg, "--polarity", choices=("auto", "bright", "dark", "both"),
           help="which residuals are lesion: brighter than the counterfactual, darker, or both (default auto: "
                "dark on T1w, bright on T2w and other suffixes)")
@@ -193,7 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         cli["training"] = training
     segmentation: dict[str, Any] = {}
     for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
-                      ("sampler", "sampler"), ("threshold", "threshold"), ("overwrite", "overwrite"),
+                      ("sampler", "sampler"), ("noising", "noising"), ("threshold", "threshold"), ("overwrite", "overwrite"),
                       ("adapter_scale", "adapter_scale"), ("polarity", "polarity"),
                       ("inference_batch_size", "batch_size"), ("precision", "precision"), ("compile", "compile")):
         if flag in args:

@@ -131,7 +131,9 @@ def counterfactual_settings(seg: Any, seed: int, strengths: tuple[float, ...] | 
                                   steps=seg.steps, sampler=seg.sampler, eta=seg.eta,
                                   max_latent_voxels=seg.max_latent_voxels, seed=seed, reference=seg.reference,
                                   window_overlap=seg.window_overlap, edit_region=seg.edit_region,
-                                  batch_size=seg.batch_size, precision=seg.precision)
+                                  batch_size=seg.batch_size, precision=seg.precision, noising=seg.noising,
+                                  patch_size=tuple(seg.patch_size), patch_period=seg.patch_period,
+                                  patch_offsets=seg.patch_offsets)
 
 
 #: Suffixes on which lesions are darker than healthy tissue (T1 "black holes"); on T2w, T2*w,
@@ -160,5 +162,7 @@ def describe_settings(cf: CounterfactualSettings, residual: ResidualSettings) ->
         "Eta": cf.eta, "Seed": cf.seed, "MedianFilterSize": residual.median_size,
         "CordMarginMM": residual.cord_margin_mm, "MinLesionVolumeMM3": residual.min_lesion_mm3,
         "ResidualPolarity": residual.polarity, "ResidualReference": cf.reference, "WindowOverlap": cf.window_overlap,
-        "EditRegion": cf.edit_region,
+        "EditRegion": cf.edit_region, "Noising": cf.noising,
+        **({"PatchSize": list(cf.patch_size), "PatchPeriod": cf.patch_period, "PatchOffsets": cf.patch_offsets}
+           if cf.noising == "patch" else {}),
     }

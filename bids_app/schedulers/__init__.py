@@ -8,6 +8,7 @@ from bids_app.schedulers.base import (
 )
 from bids_app.schedulers.ddim import DDIMScheduler
 from bids_app.schedulers.ddpm import DDPMScheduler
+from bids_app.schedulers.patches import patch_sets, random_patches
 from bids_app.schedulers.sampling import Chain, KnownRegion, denoise, denoise_chains, img2img, start_chain
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -27,4 +28,6 @@ __all__ = [
     "denoise",
     "draw_noise",
     "img2img",
+    "patch_sets",
+    "random_patches",
 ]

@@ -31,15 +31,18 @@ class KnownRegion:
 
     After every reverse step the voxels outside ``editable`` are reset to the original ``x0``
     noised with ``noise`` to the step's timestep (x0 itself after the last step), so only the
-    editable part is regenerated, consistently with its true surroundings.
+    editable part is regenerated, consistently with its true surroundings. ``clean``: they are
+    reset to ``x0`` itself at every step, for a model trained to see clean surroundings next to a
+    noised patch (:mod:`bids_app.schedulers.patches`).
     """
 
     x0: Tensor
     noise: Tensor
     editable: Tensor  # float, broadcastable to x0, 1 = regenerate
+    clean: bool = False
 
     def apply(self, scheduler: Scheduler, sample: Tensor, t_next: Tensor | None) -> Tensor:
-        if t_next is None:
+        if t_next is None or self.clean:
             known = self.x0
         else:
             known = scheduler.add_noise(self.x0, self.noise, t_next.expand(sample.shape[0]))
@@ -83,13 +86,13 @@ class Chain:
 
 def start_chain(scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
                 generator: torch.Generator | None = None, editable: Tensor | None = None,
-                condition: Any = None) -> Chain:
+                condition: Any = None, clean_context: bool = False) -> Chain:
     """Noise x0 to the strength's start timestep: a chain ready for :func:`denoise_chains`.
 
     Calls ``scheduler.set_timesteps(n_steps)`` (so a chain needs a scheduler of its own when
     chains differ in ``n_steps``). The noise is drawn with the generator. A strength too small for
     one step gives a finished chain holding x0 itself. ``editable`` (1 = may change) keeps the rest
-    on the original (:class:`KnownRegion`).
+    on the original (:class:`KnownRegion`), noised alike or, with ``clean_context``, clean.
     """
     scheduler.set_timesteps(n_steps)
     timesteps = scheduler.img2img_timesteps(strength).to(x0.device)
@@ -98,7 +101,7 @@ def start_chain(scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
     noise = draw_noise(x0, generator)
     t = timesteps[0].expand(x0.shape[0])
     noisy = scheduler.add_noise(x0, noise, t)
-    known = KnownRegion(x0, noise, editable.to(x0.dtype)) if editable is not None else None
+    known = KnownRegion(x0, noise, editable.to(x0.dtype), clean_context) if editable is not None else None
     if known is not None:
         noisy = known.apply(scheduler, noisy, t[:1])
     return Chain(scheduler, timesteps, noisy, generator, known, condition, int(timesteps[0]))

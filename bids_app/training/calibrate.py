@@ -31,6 +31,8 @@ def segmentation_identity(seg: Any) -> dict[str, Any]:
         "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta,
         "median_size": seg.median_size, "polarity": seg.polarity, "reference": seg.reference,
         "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm,
+        "noising": seg.noising, "patch_size": list(seg.patch_size), "patch_period": seg.patch_period,
+        "patch_offsets": seg.patch_offsets,
     }
 
 

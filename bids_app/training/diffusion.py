@@ -5,6 +5,12 @@ the training latents (1 / their standard deviation, as latent diffusion does) so
 unit-variance data; the factor is saved with the stage and in the model card. An EMA of the UNet
 weights is kept and is what inference samples with.
 
+Patched noising (``patch_fraction`` of the samples): the noise is confined to a random box centred
+in the cord, the rest of the latent is shown clean, and the loss is taken on the box only, so the
+UNet learns to fill a patch from its real surroundings, which is how inference uses it
+(:mod:`bids_app.schedulers.patches`). The other samples keep the plain objective, which sampling
+from pure noise, whole-region noising and the adapter stage rely on.
+
 Distributed: the UNet is wrapped in DDP; each rank encodes its shard of the micro-batch, draws noise and
 timesteps for the whole micro-batch and keeps its rows (so the draws do not depend on the number of
 processes), and keeps its own, identical, EMA.
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from bids_app.errors import BadDataError
 from bids_app.models.unet3d import UNet3D, UNet3DConfig
 from bids_app.models.vqgan import VQGAN
-from bids_app.schedulers import DDIMScheduler, SchedulerConfig, denoise, draw_noise
+from bids_app.schedulers import DDIMScheduler, SchedulerConfig, denoise, draw_noise, random_patches
 from bids_app.settings import DiffusionStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
@@ -79,6 +85,30 @@ def noisy_batch(scheduler: Any, x0: torch.Tensor, generator: torch.Generator, si
     return scheduler.add_noise(x0, noise, t), t, scheduler.training_target(x0, noise, t)
 
 
+def patch_weights(latent: torch.Tensor, cord: torch.Tensor | None, generator: torch.Generator, fraction: float,
+                  max_size: tuple[int, ...], size: int | None = None, shard: slice | None = None) -> torch.Tensor:
+    """Where each sample is noised (B, 1, D, H, W): a random box in the cord for ``fraction`` of the
+    samples, everywhere for the rest. Drawn for the whole micro-batch of ``size`` and sharded like
+    :func:`noisy_batch`."""
+    size = latent.shape[0] if size is None else size
+    shard = slice(0, size) if shard is None else shard
+    draws = torch.rand((size, 5), generator=generator, device=generator.device)[shard].to(latent.device)
+    shape = (latent.shape[0], 1, *latent.shape[2:])
+    if cord is None:
+        regions = torch.ones(shape, dtype=torch.bool, device=latent.device)
+    else:
+        regions = F.adaptive_max_pool3d(cord.float(), latent.shape[2:]) > 0
+    boxes = random_patches(regions, draws[:, 1:], max_size)
+    patched = (draws[:, 0] < fraction).float()[:, None, None, None, None]
+    return patched * boxes + (1 - patched)
+
+
+def masked_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean squared (``l2``) or absolute (``l1``) error over the voxels where ``weights`` is 1."""
+    error = (prediction - target).pow(2) if kind == "l2" else (prediction - target).abs()
+    return (error * weights).sum() / (weights.sum() * prediction.shape[1]).clamp(min=1.0)
+
+
 class DiffusionStage:
     """One UNet optimisation step per ``train_step``; the VQ-GAN is frozen."""
 
@@ -122,10 +152,15 @@ class DiffusionStage:
             batch = loop.load_items(self.train_data, micro.items, self.device)
             x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
             noisy, t, target = noisy_batch(self.scheduler, x0, self.generator, micro.size, micro.shard)
+            weights = torch.ones_like(x0[:, :1])
+            if self.settings.patch_fraction > 0:
+                weights = patch_weights(x0, batch.get("cord"), self.generator, self.settings.patch_fraction,
+                                        tuple(self.settings.patch_max_size), micro.size, micro.shard)
+                noisy = weights * noisy + (1 - weights) * x0
             with loop.sync_gradients([self.model_ddp], micro.last):
                 with loop.autocast(self.device, self.settings.precision):
                     prediction = self.model_ddp(noisy, t).float()
-                loss = F.mse_loss(prediction, target) if self.settings.loss == "l2" else F.l1_loss(prediction, target)
+                loss = masked_loss(prediction, target, weights, self.settings.loss)
                 loop.backward(loss / micro.count, self.scaler, "diffusion loss")
             loop.add_metrics(totals, {"loss": float(loss.detach())}, 1.0 / micro.count)
         if loop.apply_gradients(self.optimizer, self.model.parameters(), self.scaler, self.settings.clip_norm,

@@ -143,10 +143,49 @@ class _Counting(torch.nn.Module):
 def test_evaluations_per_chain(models, overrides: dict, expected: int) -> None:
     vqgan, unet, _ = models
     counting = _Counting(unet)
-    settings = CounterfactualSettings(strengths=(0.5, 0.8), **overrides)
+    settings = CounterfactualSettings(strengths=(0.5, 0.8), noising="region", **overrides)
     results = counterfactuals(vqgan, counting, SCHEDULE, 1.0, _images(1)[0], settings)
     assert counting.evaluations == expected
     assert len(results) == 2
+
+
+def test_patched_noising_runs_one_chain_per_patch_set(models) -> None:
+    vqgan, unet, _ = models
+    counting = _Counting(unet)
+    editable = np.zeros((16, 16, 16), bool)
+    editable[6:10, 6:10, 2:14] = True  # latent 3:5 x 3:5 x 1:7 (2x downsampling)
+    settings = CounterfactualSettings(strengths=(0.8,), steps=2, patch_size=(2, 2, 2), patch_period=2, patch_offsets=1)
+    counterfactuals(vqgan, counting, SCHEDULE, 1.0, _images(1)[0], settings, editable=editable)
+    # latent boxes along x, y: {2:4, 4:6} -> both classes; along z: 1:7 covers classes 0 and 1: 2*2*2 sets.
+    assert counting.evaluations == 8 * 2
+
+
+def test_patched_noising_changes_only_the_editable_latents(models) -> None:
+    """Outside the editable region the counterfactual latent is the input's own, so with nothing
+    editable the counterfactual is the input exactly, and a small region changes the image only
+    near it."""
+    vqgan, unet, _ = models
+    image = _images(1)[0]
+    nothing = np.zeros(image.shape, bool)
+    result = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, CounterfactualSettings(strengths=(0.8,)),
+                             editable=nothing)
+    np.testing.assert_array_equal(result[0].image, image)
+    corner = nothing.copy()
+    corner[:4, :4, :4] = True
+    changed = counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, CounterfactualSettings(strengths=(0.8,)),
+                              editable=corner)[0].image
+    difference = np.abs(changed - image)
+    assert difference[:4, :4, :4].max() > 1e-3
+    assert difference[10:, 10:, 10:].max() < 1e-6  # beyond the decoder's reach of the changed latents
+
+
+def test_patched_noising_is_deterministic_and_seeded(models) -> None:
+    vqgan, unet, _ = models
+    image = _images(1)[0]
+    first, again, other = (counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, CounterfactualSettings(seed=seed))[0].image
+                           for seed in (3, 3, 4))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-4
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])

@@ -198,3 +198,30 @@ def test_known_region_holds_the_original_and_only_the_editable_part_changes(sche
     partial = run(half)
     assert torch.equal(partial[..., :3], x0[..., :3])
     assert not torch.allclose(partial[..., 3:], x0[..., 3:])
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+def test_clean_context_shows_the_model_the_original_outside_the_patch(scheduler_cls) -> None:
+    """Patched noising: at every step the model sees the clean x0 outside the editable patch (the
+    plain known region shows it noised to the step's level)."""
+    from bids_app.schedulers import denoise_chains, start_chain
+
+    config = SchedulerConfig(num_train_timesteps=100)
+    x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    patch = torch.zeros(1, 1, 4, 4, 6)
+    patch[..., 2:4] = 1
+    for clean in (True, False):
+        seen: list[torch.Tensor] = []
+
+        def model(z, t, _conditions):
+            seen.append(z.clone())
+            return 0.3 * z + 0.1
+
+        chain = start_chain(scheduler_cls(config), x0, 0.6, 5, torch.Generator().manual_seed(3), patch,
+                            clean_context=clean)
+        result = denoise_chains(model, [chain])[0]
+        outside = (patch == 0).expand_as(x0)
+        assert len(seen) == 3  # int(5 * 0.6) steps of the 5-step chain
+        assert all(torch.equal(z[outside], x0[outside]) for z in seen) == clean
+        assert torch.equal(result[outside], x0[outside])
+        assert not torch.allclose(result[~outside], x0[~outside])
