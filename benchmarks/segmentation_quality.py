@@ -1,14 +1,17 @@
 """Lesion segmentation quality of a trained model against two baselines that need no diffusion.
 
-    python benchmarks/segmentation_quality.py BIDS_DIR MODEL_DIR [--extra-healthy DIR ...]
-        [--strength S ...] [--steps N] [--polarity bright] [--out results.json]
+    python benchmarks/segmentation_quality.py BIDS_DIR MODEL_DIR [--extra-healthy DIR ...] [--extra-lesion DIR ...]
+        [--strength S ...] [--steps N] [--noising patch region] [--polarity bright] [--out results.json]
 
 In model space (the preprocessed grid covering the whole cord, slid over in model-sized windows;
 ground truth resampled nearest-neighbour) it compares on every lesion image of BIDS_DIR:
 
-- counterfactual: the app's residual x - x_hat (edit transferred onto the input, only the cord
-  regenerated, polarity as given) at the strength(s), with and (when the model has one) without
-  the T2I-Adapter steering it with the cord mask;
+- counterfactual (patch): the app's residual x - x_hat (edit transferred onto the input, only the
+  cord regenerated, one latent patch at a time with the rest clean, polarity as given) at the
+  app's strength(s), with and (when the model has one) without the T2I-Adapter steering it with
+  the cord mask;
+- counterfactual (region): the same with the whole cord noised at once (the method before patched
+  noising), at its own best strengths (``--region-strength``, default 0.5 0.65 0.8);
 - reconstruction: |x - D(E(x))|, the VQ-GAN alone (strength 0, raw decoding);
 - zscore: in-region intensity z-score of the image itself.
 
@@ -40,27 +43,32 @@ from bids_app.preprocessing.pipeline import preprocess  # noqa: E402
 from bids_app.segmentation.lesions import lesion_mask  # noqa: E402
 from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice  # noqa: E402
 from bids_app.segmentation.residuals import analysis_region, residual_map, smooth  # noqa: E402
-from bids_app.settings import SelectionSettings  # noqa: E402
+from bids_app.settings import SegmentationSettings, SelectionSettings  # noqa: E402
 
 
 def scores_for(models, pre, region, args):
     """Each method's smoothed score map over the whole covered volume (sliding windows)."""
     shape = models.plan.target_shape
 
-    def residual(strengths, reference, features=None):
+    def residual(strengths, reference, features=None, noising="patch"):
         cf = CounterfactualSettings(strengths=tuple(strengths), steps=args.steps, seed=args.seed,
-                                    n_samples=args.n_samples, reference=reference)
+                                    n_samples=args.n_samples, reference=reference, noising=noising)
         editable = region if args.edit_region == "cord" and reference == "reconstruction" else None
         cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                        pre.image, cf, shape, "cpu", features, editable)
         return smooth(residual_map(pre.image, [c.image for c in cfs], args.polarity)[0], args.median, valid=pre.valid)
 
-    scores = {"counterfactual": residual(args.strength, args.reference)}
+    features = None
     if models.adapter is not None and "cord" in pre.masks:
         cord = pre.masks["cord"].astype(np.float32)
-        scores["counterfactual+adapter"] = residual(
-            args.strength, args.reference, lambda w: models.adapter(torch.from_numpy(np.ascontiguousarray(cord[w]))[None, None]))
-    scores["reconstruction"] = residual((0.0,), "image")
+        features = lambda w: models.adapter(torch.from_numpy(np.ascontiguousarray(cord[w]))[None, None])  # noqa: E731
+    scores = {}
+    for noising in args.noising:
+        strengths = args.strength if noising == "patch" else args.region_strength
+        scores[f"counterfactual ({noising})"] = residual(strengths, args.reference, noising=noising)
+        if features is not None:
+            scores[f"counterfactual ({noising}) + adapter"] = residual(strengths, args.reference, features, noising)
+    scores["reconstruction"] = residual((0.0,), "image", noising="region")
     return scores
 
 
@@ -69,15 +77,19 @@ def main() -> int:
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("segmentation_quality.json"))
-    parser.add_argument("--strength", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strength", type=float, nargs="+", default=list(SegmentationSettings().strengths))
+    parser.add_argument("--region-strength", type=float, nargs="+", default=[0.5, 0.65, 0.8])
+    parser.add_argument("--noising", nargs="+", default=["patch", "region"], choices=["patch", "region"])
+    parser.add_argument("--steps", type=int, default=SegmentationSettings().steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin", type=float, default=0.0, help="cord dilation in mm")
     parser.add_argument("--n-samples", type=int, default=1)
     parser.add_argument("--extra-healthy", type=Path, nargs="*", default=[],
                         help="more BIDS datasets whose healthy images measure the false-positive rate")
+    parser.add_argument("--extra-lesion", type=Path, nargs="*", default=[],
+                        help="more BIDS datasets whose lesion images count in the Dice (unseen phantoms)")
     parser.add_argument("--median", type=int, default=3, help="median filter size (voxels)")
-    parser.add_argument("--polarity", default="both", choices=["bright", "dark", "both"])
+    parser.add_argument("--polarity", default="bright", choices=["bright", "dark", "both"])
     parser.add_argument("--edit-region", default="cord", choices=["cord", "all"])
     parser.add_argument("--reference", default="reconstruction", choices=["reconstruction", "image"])
     args = parser.parse_args()
@@ -96,6 +108,9 @@ def main() -> int:
     for extra in args.extra_healthy:
         unseen += [r for r in collect_images(extra, selection, load_layout(extra), find_derivative_datasets(extra))
                    if r.lesion_mask is None]
+    for extra in args.extra_lesion:
+        lesioned += [r for r in collect_images(extra, selection, load_layout(extra), find_derivative_datasets(extra))
+                     if r.lesion_mask is not None]
     spacing = models.plan.target_spacing
     prepared = {}
     for record in healthy + lesioned + unseen:
@@ -129,10 +144,12 @@ def main() -> int:
                            "healthy_with_false_positive": f"{sum(fp)} / {len(fp)}" if fp else None}
     report = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "model_card": models.card.get("preset"), "strengths": args.strength, "steps": args.steps,
+              "region_strengths": args.region_strength, "noising": args.noising,
               "n_samples": args.n_samples, "polarity": args.polarity, "reference": args.reference,
               "median_size": args.median, "edit_region": args.edit_region, "cord_margin_mm": args.margin,
               "n_lesion_images": len(lesioned), "n_healthy_validation_images": len(healthy),
               "n_unseen_healthy_images": len(unseen),
+              "lesion_images": [Path(r.image).name for r in lesioned],
               "seconds": round(time.time() - started, 1), "methods": results, "participants": len(table)}
     args.out.write_text(json.dumps(report, indent=2))
     print("| method | median Dice | oracle Dice | AUPRC | healthy with FP |\n|---|---|---|---|---|")

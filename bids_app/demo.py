@@ -24,7 +24,8 @@ DEMO_DATASET = {"n_healthy": 8, "n_lesion": 3}
 DEMO_SETTINGS: dict[str, Any] = {
     "training": {
         "vqgan": {"max_steps": 400, "disc_start": 250, "checkpoint_every": 100, "log_every": 50, "figure_every": 200},
-        "diffusion": {"max_steps": 1300, "checkpoint_every": 260, "log_every": 100, "figure_every": 650},
+        "diffusion": {"max_steps": 1200, "batch_size": 4, "ema_decay": 0.99, "checkpoint_every": 300,
+                      "log_every": 100, "figure_every": 600},
         "adapter": {"max_steps": 200, "checkpoint_every": 100, "log_every": 50, "figure_every": 0},
     },
 }

@@ -122,6 +122,9 @@ class DiffusionStageSettings(StageSettings):
     #: (bids_app.schedulers.patches). 0: the plain objective only.
     patch_fraction: float = 0.7
     patch_max_size: tuple[int, int, int] = (3, 3, 4)  # latent voxels per axis
+    #: Encode each augmented training item once and reuse its latent every this many epochs (0: encode
+    #: at every step). Encoding is most of a step; memory is this many latents per training image.
+    latent_pool_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             # CPU-sized volumes fit in memory: no recomputation (13% of the step) for the demo's budget.
             "vqgan": {"max_steps": 60, "batch_size": 2, "learning_rate": 1e-3, "disc_start": 40,
                       "checkpoint_every": 20, "log_every": 10, "figure_every": 30, "activation_checkpointing": False},
-            "diffusion": {"max_steps": 80, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9,
+            # Latent pool: 64 augmented passes kept (a 16^3 x 8 latent is 128 KiB: 8 MiB per image).
+            "diffusion": {"max_steps": 80, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9, "latent_pool_epochs": 64,
                           "checkpoint_every": 20, "log_every": 10, "figure_every": 40},
             "adapter": {"max_steps": 40, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 20,
                         "log_every": 10, "figure_every": 0},
@@ -328,6 +332,8 @@ def _check(settings: RunSettings) -> None:
     diffusion = settings.training.diffusion
     if not 0 <= diffusion.patch_fraction <= 1:
         raise UsageError(f"training.diffusion.patch_fraction must be in [0, 1], got {diffusion.patch_fraction}")
+    if diffusion.latent_pool_epochs < 0:
+        raise UsageError(f"training.diffusion.latent_pool_epochs must be 0 or more, got {diffusion.latent_pool_epochs}")
     if len(diffusion.patch_max_size) != 3 or min(diffusion.patch_max_size) < 1:
         raise UsageError(f"training.diffusion.patch_max_size needs 3 positive sizes, got {list(diffusion.patch_max_size)}")
     unknown = sorted(set(settings.training.stages) - set(TRAINING_STAGES))

@@ -227,6 +227,15 @@ def test_segmentation_flags_reach_the_settings() -> None:
     assert cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation.polarity == "auto"
 
 
+def test_noising_flag_reaches_the_settings() -> None:
+    default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
+    assert (default.noising, default.strengths) == ("patch", (0.8,))
+    seg = cli.settings_from_args(cli.parse_args(["b", "o", "participant", "--noising", "region"])).segmentation
+    assert seg.noising == "region"
+    with pytest.raises(UsageError, match="--noising"):
+        cli.parse_args(["b", "o", "participant", "--noising", "everything"])
+
+
 def test_fast_path_flags_reach_the_settings() -> None:
     default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
     assert (default.batch_size, default.precision, default.compile) == (16, "auto", False)

@@ -73,3 +73,14 @@ def test_activation_checkpointing_only_where_memory_is_the_limit() -> None:
     """The default (GPU-sized) preset recomputes VQ-GAN activations; the CPU-sized tiny preset does not."""
     assert build_settings(BASE).training.vqgan.activation_checkpointing
     assert not build_settings({**BASE, "preset": "tiny"}).training.vqgan.activation_checkpointing
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("training", {"diffusion": {"patch_fraction": 1.5}}, "patch_fraction"),
+    ("training", {"diffusion": {"patch_max_size": [2, 0, 2]}}, "patch_max_size"),
+    ("segmentation", {"patch_size": [2, 2]}, "patch_size"),
+    ("segmentation", {"patch_period": 0}, "patch_period"),
+])
+def test_bad_patch_settings_are_refused(section: str, values: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        build_settings({**BASE, section: values})

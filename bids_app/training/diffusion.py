@@ -11,6 +11,12 @@ UNet learns to fill a patch from its real surroundings, which is how inference u
 (:mod:`bids_app.schedulers.patches`). The other samples keep the plain objective, which sampling
 from pure noise, whole-region noising and the adapter stage rely on.
 
+Latent pool (``latent_pool_epochs`` P > 0): encoding through the frozen VQ-GAN is most of a step's
+cost (83-88% of the FLOPs of the tiny preset, docs/benchmarks.md "Training step"), so the latent
+of an augmented item (epoch e, index i) is encoded once and reused for every epoch congruent to e
+modulo P: the data order is unchanged, the augmentations repeat after P epochs. Memory: P x
+(training images) latents, so it is on for the tiny preset and off (0) by default.
+
 Distributed: the UNet is wrapped in DDP; each rank encodes its shard of the micro-batch, draws noise and
 timesteps for the whole micro-batch and keeps its rows (so the draws do not depend on the number of
 processes), and keeps its own, identical, EMA.
@@ -20,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +115,40 @@ def masked_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.T
     return (error * weights).sum() / (weights.sum() * prediction.shape[1]).clamp(min=1.0)
 
 
+class LatentPool:
+    """Latents (scaled) and latent-grid cord masks of augmented training items, keyed by
+    (epoch mod ``epochs``, index) and encoded on first use; ``epochs`` 0 encodes every time."""
+
+    def __init__(self, vqgan: VQGAN, data: Any, scale: float, epochs: int, device: str) -> None:
+        self.vqgan, self.data, self.scale, self.epochs, self.device = vqgan, data, scale, epochs, device
+        self._latents: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def batch(self, items: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latents (B, C, D, H, W), cord masks on the latent grid (B, 1, D, H, W) or None)."""
+        if not self.epochs:
+            batch = loop.load_items(self.data, items, self.device)
+            x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
+            return x0, _latent_grid(batch.get("cord"), x0)
+        keys = [(epoch % self.epochs, index) for epoch, index in items]
+        missing = sorted({k for k in keys if k not in self._latents})
+        if missing:
+            batch = loop.load_items(self.data, missing, self.device)
+            x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
+            cord = _latent_grid(batch.get("cord"), x0)
+            for n, key in enumerate(missing):
+                self._latents[key] = (x0[n:n + 1], None if cord is None else cord[n:n + 1])
+        latents = torch.cat([self._latents[k][0] for k in keys])
+        cords = [self._latents[k][1] for k in keys]
+        return latents, None if any(c is None for c in cords) else torch.cat(cords)  # type: ignore[arg-type]
+
+
+def _latent_grid(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else F.adaptive_max_pool3d(mask.float(), latent.shape[2:]) > 0
+
+
 class DiffusionStage:
     """One UNet optimisation step per ``train_step``; the VQ-GAN is frozen."""
 
@@ -140,6 +180,7 @@ class DiffusionStage:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
         self.scaler = loop.make_scaler(device, settings.precision)
+        self.pool = LatentPool(self.vqgan, train_data, scale, settings.latent_pool_epochs, device)
         if settings.loss not in ("l1", "l2"):
             raise BadDataError(f"training.diffusion.loss must be l1 or l2, got {settings.loss!r}")
 
@@ -149,12 +190,11 @@ class DiffusionStage:
         totals: dict[str, float] = {}
         for micro in loop.micro_batches(step, self.settings.batch_size, self.settings.accumulation_steps,
                                         len(self.train_data), self.seed, self.dist):
-            batch = loop.load_items(self.train_data, micro.items, self.device)
-            x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
+            x0, cord = self.pool.batch(micro.items)
             noisy, t, target = noisy_batch(self.scheduler, x0, self.generator, micro.size, micro.shard)
             weights = torch.ones_like(x0[:, :1])
             if self.settings.patch_fraction > 0:
-                weights = patch_weights(x0, batch.get("cord"), self.generator, self.settings.patch_fraction,
+                weights = patch_weights(x0, cord, self.generator, self.settings.patch_fraction,
                                         tuple(self.settings.patch_max_size), micro.size, micro.shard)
                 noisy = weights * noisy + (1 - weights) * x0
             with loop.sync_gradients([self.model_ddp], micro.last):
