@@ -1,9 +1,9 @@
 """VQ-GAN + latent UNet + scheduler -> pseudo-healthy counterfactual of a model-space volume.
 
 Encode, noise the latent to a strength ``s`` (the fraction of the diffusion chain), denoise it back
-and decode. ``steps`` is the number of denoising steps actually run below ``s`` (the chain is
-respaced to ``round(steps / s)`` steps over the whole range, of which the last ``steps`` are used),
-so the cost does not depend on the strength. Every draw comes from a generator seeded by (seed,
+and decode. ``steps`` is the number of denoising steps actually run: evenly spaced from ``s * T``
+down (:func:`strength_timesteps`), so the chain starts exactly at the strength and the cost does
+not depend on it. Every draw comes from a generator seeded by (seed,
 window, strength index, sample index): deterministic.
 
 ``reference="reconstruction"`` (the default) transfers the model's edit onto the input: the
@@ -38,7 +38,6 @@ result equals running the chains one by one up to float rounding (tested).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -123,18 +122,18 @@ class Counterfactual:
     image: np.ndarray  # model space, normalised intensities
 
 
-def respaced_steps(steps: int, strength: float) -> int:
-    """The shortest respaced chain of which exactly ``steps`` steps lie below ``strength``.
+def strength_timesteps(num_train_timesteps: int, strength: float, steps: int) -> list[int]:
+    """``steps`` evenly spaced timesteps from ``strength * T`` down (descending): the chain starts
+    exactly at the strength whatever the number of steps.
 
-    img2img runs ``int(n * strength)`` steps of an ``n``-step chain; rounding ``steps / strength``
-    could leave one step short (10 steps at 0.65: 9) or none at all (1 step at 0.8).
+    diffusers' img2img rule (respace to n steps, run the last ``int(n * strength)``) quantises the
+    start to the respaced grid: with one step, strengths 0.5 to 0.99 all started at t = T/2.
+    A strength below one training timestep gives no steps (the input comes back unchanged).
     """
-    if strength <= 0:
-        return steps
-    n = max(steps, math.floor(steps / strength))
-    while int(n * strength) < steps:
-        n += 1
-    return n
+    top = int(round(strength * num_train_timesteps)) - 1
+    if top < 0 or steps < 1:
+        return []
+    return sorted({int(round(top * (steps - j) / steps)) for j in range(steps)}, reverse=True)
 
 
 def make_scheduler(config: SchedulerConfig, sampler: str, eta: float = 0.0):
@@ -314,13 +313,16 @@ def batch_counterfactuals(
         for s_index, strength in enumerate(settings.strengths):
             for k in range(settings.n_samples if strength > 0 else 1):
                 seed = chain_seed(settings.seed, window.index, s_index, k)
-                n_steps = settings.chain_steps or respaced_steps(settings.steps, strength)
+                # The seed's rule (a fixed respaced chain, its last int(n s) steps) or exactly `steps` from s.
+                n_steps = settings.chain_steps or 1
+                timesteps = (None if settings.chain_steps else
+                             strength_timesteps(scheduler_config.num_train_timesteps, strength, settings.steps))
 
                 def chain(seed: int, region: torch.Tensor | None, clean: bool) -> Chain:
                     generator = torch.Generator(device=device).manual_seed(seed)
                     scheduler = make_scheduler(scheduler_config, settings.sampler, settings.eta)
                     return start_chain(scheduler, z0.contiguous(), strength, n_steps, generator, region,
-                                       window.features, clean)
+                                       window.features, clean, timesteps)
 
                 if patches is None:
                     jobs.append(_Job(w, strength, k, z0, [chain(seed, editable, False)]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -108,8 +108,21 @@ class Scheduler:
             raise ValueError(f"the number of inference steps must be an integer in [1, {T}], got {n}")
         n = int(n)
         k = torch.arange(n, 0, -1, dtype=torch.long)
-        self.timesteps = k * T // n - 1
-        self.num_inference_steps = n
+        self._use_timesteps(k * T // n - 1)
+
+    def set_timesteps_from(self, timesteps: Sequence[int]) -> None:
+        """Use these timesteps (distinct, descending, in [0, T)) instead of n evenly spaced ones:
+        img2img at a strength then starts exactly where asked (:func:`img2img_timesteps` gives them all)."""
+        values = [int(t) for t in timesteps]
+        T = self.num_train_timesteps
+        if not values or any(not 0 <= t < T for t in values) or any(a <= b for a, b in zip(values, values[1:])):
+            raise ValueError(f"timesteps must be distinct, descending and in [0, {T}), got {values}")
+        self._use_timesteps(torch.tensor(values, dtype=torch.long))
+
+    def _use_timesteps(self, timesteps: Tensor) -> None:
+        T = self.num_train_timesteps
+        self.timesteps = timesteps
+        self.num_inference_steps = len(timesteps)
         ascending = self.timesteps.flip(0)
         below = torch.searchsorted(ascending, torch.arange(T, dtype=torch.long))  # scheduled steps < t
         prev_alpha_bar = self.alphas_cumprod[ascending[(below - 1).clamp(min=0)]]

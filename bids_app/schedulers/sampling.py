@@ -86,16 +86,25 @@ class Chain:
 
 def start_chain(scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
                 generator: torch.Generator | None = None, editable: Tensor | None = None,
-                condition: Any = None, clean_context: bool = False) -> Chain:
+                condition: Any = None, clean_context: bool = False,
+                timesteps: Sequence[int] | None = None) -> Chain:
     """Noise x0 to the strength's start timestep: a chain ready for :func:`denoise_chains`.
 
     Calls ``scheduler.set_timesteps(n_steps)`` (so a chain needs a scheduler of its own when
     chains differ in ``n_steps``). The noise is drawn with the generator. A strength too small for
     one step gives a finished chain holding x0 itself. ``editable`` (1 = may change) keeps the rest
     on the original (:class:`KnownRegion`), noised alike or, with ``clean_context``, clean.
+    ``timesteps`` (descending) replaces the respaced chain: the chain runs exactly those (an empty
+    list: nothing to do); ``strength`` and ``n_steps`` are then not used.
     """
-    scheduler.set_timesteps(n_steps)
-    timesteps = scheduler.img2img_timesteps(strength).to(x0.device)
+    if timesteps is None:
+        scheduler.set_timesteps(n_steps)
+        timesteps = scheduler.img2img_timesteps(strength).to(x0.device)
+    elif len(timesteps):
+        scheduler.set_timesteps_from(timesteps)
+        timesteps = scheduler.timesteps.to(x0.device)
+    else:
+        timesteps = torch.zeros(0, dtype=torch.long, device=x0.device)
     if len(timesteps) == 0:
         return Chain(scheduler, timesteps, x0, generator, None, condition, None)
     noise = draw_noise(x0, generator)
