@@ -125,6 +125,8 @@ class DiffusionStageSettings(StageSettings):
     #: Encode each augmented training item once and reuse its latent every this many epochs (0: encode
     #: at every step). Encoding is most of a step; memory is this many latents per training image.
     latent_pool_epochs: int = 0
+    #: "constant", or "cosine": decayed from learning_rate to 0 over max_steps.
+    lr_schedule: str = "constant"
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,8 @@ def _check(settings: RunSettings) -> None:
     diffusion = settings.training.diffusion
     if not 0 <= diffusion.patch_fraction <= 1:
         raise UsageError(f"training.diffusion.patch_fraction must be in [0, 1], got {diffusion.patch_fraction}")
+    if diffusion.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"training.diffusion.lr_schedule must be constant or cosine, got {diffusion.lr_schedule!r}")
     if diffusion.latent_pool_epochs < 0:
         raise UsageError(f"training.diffusion.latent_pool_epochs must be 0 or more, got {diffusion.latent_pool_epochs}")
     if len(diffusion.patch_max_size) != 3 or min(diffusion.patch_max_size) < 1:

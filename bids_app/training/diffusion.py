@@ -186,6 +186,8 @@ class DiffusionStage:
 
     def train_step(self, step: int) -> dict[str, float]:
         self.model.train()
+        loop.set_learning_rate(self.optimizer, loop.learning_rate_at(
+            step, self.settings.learning_rate, self.settings.max_steps, self.settings.lr_schedule))
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in loop.micro_batches(step, self.settings.batch_size, self.settings.accumulation_steps,

@@ -141,6 +141,25 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None, nam
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_at(step: int, base: float, max_steps: int, schedule: str) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): ``base``, or a cosine decay from it to
+    0 over ``max_steps``. A function of the step alone, so a resumed run continues the same curve."""
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"learning-rate schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    progress = min(max(step, 0) / max(max_steps, 1), 1.0)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = value
+
+
 def apply_gradients(
     optimizer: torch.optim.Optimizer,
     parameters: Iterable[torch.nn.Parameter],

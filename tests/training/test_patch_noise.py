@@ -46,3 +46,66 @@ def test_the_loss_counts_only_the_noised_voxels() -> None:
     changed = target.clone()
     changed[:, :, 2:] += 100.0  # outside the box: no effect
     assert torch.allclose(masked_loss(prediction, changed, box, "l2"), expected)
+
+
+class _FakeVQGAN:
+    """Counts encodes; the latent is the image's mean per 2x2x2 block."""
+
+    def __init__(self) -> None:
+        self.encodes = 0
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.encodes += image.shape[0]
+        return F.avg_pool3d(image, 2)
+
+    def quantize(self, z: torch.Tensor):
+        return type("Quantized", (), {"quantized": z})()
+
+
+class _AugmentedData:
+    """Items whose content depends on the epoch (as augmentation does)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict:
+        image = torch.full((1, 4, 4, 4), float(10 * self.epoch + index))
+        cord = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+        cord[:, 1:3, 1:3] = True
+        return {"image": image, "cord": cord}
+
+
+def test_the_latent_pool_encodes_each_augmentation_once_and_recycles_them() -> None:
+    from bids_app.training.diffusion import LatentPool
+
+    vqgan = _FakeVQGAN()
+    pool = LatentPool(vqgan, _AugmentedData(), scale=2.0, epochs=2, device="cpu")
+    first, cord = pool.batch([(0, 0), (1, 2)])
+    assert vqgan.encodes == 2 and len(pool) == 2
+    assert first[:, 0, 0, 0, 0].tolist() == [0.0, 2 * 12.0]  # scaled latents of epoch 0 item 0, epoch 1 item 2
+    assert cord.shape == (2, 1, 2, 2, 2) and cord.all()
+    again, _ = pool.batch([(2, 0), (3, 2), (0, 1)])  # epochs 2 and 3 reuse epochs 0 and 1
+    assert vqgan.encodes == 3
+    assert torch.equal(again[:2], first)
+    plain = LatentPool(vqgan, _AugmentedData(), scale=2.0, epochs=0, device="cpu")
+    latest, _ = plain.batch([(2, 0)])
+    assert latest[0, 0, 0, 0, 0] == 2 * 20.0 and vqgan.encodes == 4 and len(plain) == 0
+
+
+def test_cosine_learning_rate_decays_from_the_base_to_zero() -> None:
+    import pytest
+
+    from bids_app.training.loop import learning_rate_at
+
+    assert learning_rate_at(500, 1e-3, 1000, "constant") == 1e-3
+    values = [learning_rate_at(s, 1e-3, 1000, "cosine") for s in (0, 250, 500, 1000, 1200)]
+    assert values[0] == 1e-3 and abs(values[2] - 5e-4) < 1e-12 and values[3] == values[4] == 0.0
+    assert values == sorted(values, reverse=True)
+    with pytest.raises(ValueError):
+        learning_rate_at(0, 1e-3, 10, "step")
