@@ -50,6 +50,7 @@ DEFAULT_QUANTILE = 0.999
 MAX_REFERENCE = 100_000
 FORMAT_VERSION = 1
 SOURCES = ("calibrated", "user")
+RULES = ("voxels", "images")
 _ENCODING = "zlib+base64"
 _DTYPE = "<f4"
 
@@ -69,8 +70,11 @@ class Calibration:
     n_voxels: int
     n_images: int
     source: str = "calibrated"
+    rule: str = "voxels"
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         ref = np.array(self.reference, dtype=np.float32).reshape(-1)
         if ref.size == 0:
             raise ValueError("calibration reference is empty")
@@ -101,6 +105,7 @@ class Calibration:
             "n_voxels": self.n_voxels,
             "n_images": self.n_images,
             "source": self.source,
+            "rule": self.rule,
             "reference": {"encoding": _ENCODING, "dtype": _DTYPE, "count": int(self.reference.size),
                           "data": base64.b64encode(payload).decode("ascii")},
         }
@@ -116,7 +121,7 @@ class Calibration:
             return cls(threshold=float(data["threshold"]), quantile=float(data["quantile"]),
                        reference=_decode_reference(data["reference"]),
                        n_voxels=int(data["n_voxels"]), n_images=int(data["n_images"]),
-                       source=str(data.get("source", "calibrated")))
+                       source=str(data.get("source", "calibrated")), rule=str(data.get("rule", "voxels")))
         except KeyError as exc:
             raise ValueError(f"calibration lacks the field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:
@@ -181,8 +186,16 @@ def calibrate(
     regions: Sequence[np.ndarray],
     quantile: float = DEFAULT_QUANTILE,
     max_reference: int = MAX_REFERENCE,
+    lesion_free: Sequence[float] | None = None,
 ) -> Calibration:
     """Threshold = ``quantile`` of the pooled in-region residuals of held-out healthy images.
+
+    ``lesion_free`` (rule ``images``): each calibration image's :func:`~bids_app.segmentation.
+    lesions.lesion_free_threshold`; the threshold is then raised to their maximum where it is
+    lower, so that no calibration image gets a lesion after the size filter (the voxel quantile
+    alone bounds healthy voxels, not healthy images: measured, it left false-positive lesions
+    in most unseen healthy images, docs/benchmarks.md). ``quantile`` then records where the
+    threshold sits in the healthy distribution.
 
     Pooling voxels (not per-image thresholds) weights images by their region size, which is
     what the voxel-wise false-positive bound in the module doc needs. ``np.quantile``'s default
@@ -208,8 +221,19 @@ def calibrate(
     if not np.all(np.isfinite(pool)):
         raise ValueError("calibration residuals have non-finite values")
     threshold = float(np.quantile(pool, quantile))
+    rule = "voxels"
+    if lesion_free is not None:
+        if len(lesion_free) != len(parts):
+            raise ValueError(f"{len(lesion_free)} lesion-free thresholds for {len(parts)} images")
+        rule = "images"
+        highest = max(float(v) for v in lesion_free)
+        if highest > threshold:
+            logger.info("calibration: threshold raised from %.4g (quantile %.4g) to %.4g so that no calibration "
+                        "image has a lesion", threshold, quantile, highest)
+            threshold = highest
+            quantile = float(np.mean(pool <= threshold))
     tail = pool.size * (1.0 - quantile)
-    if tail < 10:
+    if rule == "voxels" and tail < 10:
         logger.warning("calibration: only %.1f healthy voxels expected above the %.4g quantile; the "
                        "threshold is poorly determined (use more images or a lower quantile)",
                        tail, quantile)
@@ -217,7 +241,7 @@ def calibrate(
                 threshold, quantile, pool.size, len(parts))
     return Calibration(threshold=threshold, quantile=float(quantile),
                        reference=subsample_sorted(pool, max_reference), n_voxels=int(pool.size),
-                       n_images=len(parts), source="calibrated")
+                       n_images=len(parts), source="calibrated", rule=rule)
 
 
 def healthy_cdf(values: np.ndarray | float, calibration: Calibration) -> np.ndarray:

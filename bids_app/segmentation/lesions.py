@@ -109,6 +109,39 @@ def lesion_mask(
     return mask.astype(np.uint8)
 
 
+def lesion_free_threshold(
+    residual: np.ndarray,
+    region: np.ndarray,
+    spacing_mm: Sequence[float],
+    min_lesion_mm3: float,
+    majority_smoothing: bool = False,
+) -> float:
+    """The lowest threshold at which :func:`lesion_mask` finds no lesion in this (healthy) image:
+    the score of its most lesion-like false positive, after the same clean-up as at inference.
+
+    Found by bisection over the distinct in-region scores (the mask only shrinks as the
+    threshold rises); an empty region gives -inf.
+    """
+    region = np.asarray(region, dtype=bool)
+    values = np.unique(np.asarray(residual)[region])
+    if values.size == 0:
+        return float("-inf")
+
+    def empty(threshold: float) -> bool:
+        return not lesion_mask(residual, region, threshold, spacing_mm, min_lesion_mm3, majority_smoothing).any()
+
+    if empty(float(values[0]) - 1.0):
+        return float(values[0]) - 1.0  # no component is large enough even with every voxel in
+    low, high = 0, values.size - 1  # empty(values[high]) holds: nothing lies above the maximum
+    while low < high:
+        middle = (low + high) // 2
+        if empty(float(values[middle])):
+            high = middle
+        else:
+            low = middle + 1
+    return float(values[low])
+
+
 def lesion_table(mask: np.ndarray, scores: np.ndarray | None, affine: np.ndarray) -> list[dict[str, Any]]:
     """One row per 26-connected lesion of ``mask``, largest first (ties: first in voxel order).
 

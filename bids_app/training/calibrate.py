@@ -17,6 +17,7 @@ from bids_app.data import Sample
 from bids_app.model_store import TrainedModels
 from bids_app.pipelines.segment import adapter_for, counterfactual_settings, native_residual, residual_settings
 from bids_app.segmentation.calibration import Calibration, calibrate
+from bids_app.segmentation.lesions import lesion_free_threshold
 from bids_app.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -39,23 +40,28 @@ def segmentation_identity(seg: Any) -> dict[str, Any]:
 def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[str, Any]:
     """What a calibration depends on: the model and every setting of the residual procedure."""
     return {"models_sha256": upstream_sha256, **segmentation_identity(settings.segmentation),
-            "quantile": settings.segmentation.calibration_quantile, "seed": settings.compute.seed}
+            "quantile": settings.segmentation.calibration_quantile,
+            "rule": settings.segmentation.calibration_rule, "seed": settings.compute.seed}
 
 
 def run_calibration(settings: RunSettings, models: TrainedModels, samples: Sequence[Sample], device: str) -> Calibration:
     """Threshold from the residuals of healthy images the models never saw."""
     seg = settings.segmentation
     cf = counterfactual_settings(seg, settings.compute.seed)
-    residuals, regions = [], []
+    residuals, regions, lesion_free = [], [], []
     for sample in samples:
         rs = residual_settings(seg, sample.image)
         result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
                                  adapter_for(models, seg), sample.masks.get("control"))
         residuals.append(result.residual)
         regions.append(result.region)
+        if seg.calibration_rule == "images":
+            lesion_free.append(lesion_free_threshold(result.residual, result.region, result.spacing_mm,
+                                                     seg.min_lesion_mm3, seg.majority_smoothing))
         log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
         killpoints.reached("calibrate:image")
-    calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile)
+    calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile,
+                            lesion_free=lesion_free if seg.calibration_rule == "images" else None)
     return calibration
 
 

@@ -148,3 +148,18 @@ def test_threshold_bounds_the_healthy_false_positive_fraction() -> None:
     fresh = rng.gamma(2.0, 0.05, (4, *shape))
     fraction = float(np.mean(fresh > cal.threshold))
     assert 0.0007 < fraction < 0.0013  # 640 of 640k voxels expected; bounds ~5 sigma incl. calibration error
+
+
+def test_the_images_rule_raises_the_threshold_until_no_calibration_image_has_a_lesion() -> None:
+    residuals, regions = healthy_set()
+    plain = calibrate(residuals, regions, quantile=0.99)
+    high = plain.threshold * 1.5
+    raised = calibrate(residuals, regions, quantile=0.99, lesion_free=[plain.threshold * 0.5, high, 0.0])
+    assert raised.threshold == high and raised.rule == "images" and plain.rule == "voxels"
+    pool = np.concatenate([r[m] for r, m in zip(residuals, regions)])
+    assert raised.quantile == pytest.approx(float(np.mean(pool <= high)))
+    kept = calibrate(residuals, regions, quantile=0.99, lesion_free=[0.0, 0.0, 0.0])
+    assert kept.threshold == plain.threshold and kept.quantile == 0.99
+    assert Calibration.from_dict(json.loads(json.dumps(raised.to_dict()))).rule == "images"
+    with pytest.raises(ValueError, match="lesion-free"):
+        calibrate(residuals, regions, lesion_free=[0.1])

@@ -117,3 +117,20 @@ def test_lesion_tsv(tmp_path) -> None:
     cells = dict(zip(lines[0].split("\t"), lines[1].split("\t")))
     assert cells["index"] == "1" and cells["n_voxels"] == "8" and float(cells["volume_mm3"]) == 8.0
     assert cells["max_score"] == "n/a" and float(cells["centroid_x_mm"]) == 1.5
+
+
+def test_lesion_free_threshold_is_where_the_last_large_enough_blob_disappears() -> None:
+    from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask
+
+    residual = np.zeros((12, 12, 12), np.float32)
+    residual[2:4, 2:4, 2:4] = 0.5  # 8 voxels
+    residual[2, 2, 2] = 0.9  # its peak voxel
+    residual[8:10, 8:10, 8:10] = 0.7  # a second blob of 8 voxels
+    residual[6, 6, 6] = 2.0  # a single voxel: below the size filter
+    region = np.ones_like(residual, bool)
+    t = lesion_free_threshold(residual, region, (1.0, 1.0, 1.0), min_lesion_mm3=4.0)
+    assert t == pytest.approx(0.7)  # above 0.7 only specks of 1 voxel are left
+    assert not lesion_mask(residual, region, t, (1.0, 1.0, 1.0), 4.0).any()
+    assert lesion_mask(residual, region, t - 1e-3, (1.0, 1.0, 1.0), 4.0).any()
+    assert lesion_free_threshold(residual, region, (1.0, 1.0, 1.0), min_lesion_mm3=5000.0) < residual.min()
+    assert lesion_free_threshold(residual, np.zeros_like(region), (1.0, 1.0, 1.0), 4.0) == float("-inf")
