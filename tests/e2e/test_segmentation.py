@@ -50,7 +50,7 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
             assert data.min() >= 0 and data.max() <= 1
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
-        assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 2
+        assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 1
         # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
         assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
         assert sidecar["ResidualReference"] == "reconstruction" and sidecar["WindowOverlap"] == 0.5

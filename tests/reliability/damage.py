@@ -68,7 +68,7 @@ class Scenario:
         if self.level == "participant" and "--model-dir" not in self.args:
             flags = [*flags, *participant_args(setup.model)]
         elif self.level == "participant":
-            flags = [*flags, "--steps", "2"]
+            flags = [*flags, "--steps", "1"]
         if self.level == "participant" and "--participant-label" not in self.args:
             flags = [*flags, "--participant-label", self.subject]
         return [str(self.bids or setup.bids), str(out), self.level, *flags, *self.args]
