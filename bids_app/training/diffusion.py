@@ -110,9 +110,12 @@ def patch_weights(latent: torch.Tensor, cord: torch.Tensor | None, generator: to
 
 
 def masked_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean squared (``l2``) or absolute (``l1``) error over the voxels where ``weights`` is 1."""
+    """Mean squared (``l2``) or absolute (``l1``) error over the voxels where ``weights`` is 1, per
+    sample, then averaged over samples: so the mean of equal rank shards' losses (DDP) is the
+    single-process loss."""
     error = (prediction - target).pow(2) if kind == "l2" else (prediction - target).abs()
-    return (error * weights).sum() / (weights.sum() * prediction.shape[1]).clamp(min=1.0)
+    per_sample = (error * weights).flatten(1).sum(1) / (weights.flatten(1).sum(1) * prediction.shape[1]).clamp(min=1.0)
+    return per_sample.mean()
 
 
 class LatentPool:
