@@ -165,7 +165,7 @@ class SegmentationSettings:
     # "voxels": the quantile only; "images": also raised until no calibration image has a lesion after
     # the size filter. Measured on the demo-budget model (docs/benchmarks.md, "Patched noising"): with 2
     # calibration images one outlier image sets "images" so high that no lesion is found; the quantile
-    # gave 1 of 12 unseen healthy images a false positive.
+    # gave 1 or 2 of 12 unseen healthy images a false positive.
     calibration_rule: str = "voxels"
     threshold: float | None = None
     strength_sweep: tuple[float, ...] = ()

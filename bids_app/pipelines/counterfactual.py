@@ -23,7 +23,8 @@ region is cut into small latent patches; each patch is noised on its own while e
 it stays clean, and the counterfactual latent is assembled from the patches' predictions
 (averaged over ``patch_offsets`` shifted grids). A model trained with patched noising
 (:mod:`bids_app.schedulers.patches`) then fills each patch from its real surroundings: measured
-mean oracle Dice 0.40 -> 0.55 on unseen phantoms (docs/benchmarks.md, "Patched noising"). Patches
+mean oracle Dice 0.40 -> 0.50 on phantom lesion images with the demo-budget model, 0.55 with a
+fine-tuned one (docs/benchmarks.md, "Patched noising"). Patches
 of one lattice class share a chain (they are ``patch_period`` patches apart), so an image costs
 ``patch_period**3 * patch_offsets`` chains per window and strength, whatever the cord's size.
 

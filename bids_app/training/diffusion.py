@@ -93,18 +93,15 @@ def noisy_batch(scheduler: Any, x0: torch.Tensor, generator: torch.Generator, si
 
 def patch_weights(latent: torch.Tensor, cord: torch.Tensor | None, generator: torch.Generator, fraction: float,
                   max_size: tuple[int, ...], size: int | None = None, shard: slice | None = None) -> torch.Tensor:
-    """Where each sample is noised (B, 1, D, H, W): a random box in the cord for ``fraction`` of the
-    samples, everywhere for the rest. Drawn for the whole micro-batch of ``size`` and sharded like
-    :func:`noisy_batch`."""
+    """Where each sample is noised (B, 1, D, H, W): a random box in the cord (bool, on the latent
+    grid: :class:`LatentPool` gives it so) for ``fraction`` of the samples, everywhere for the rest.
+    Drawn for the whole micro-batch of ``size`` and sharded like :func:`noisy_batch`."""
     size = latent.shape[0] if size is None else size
     shard = slice(0, size) if shard is None else shard
     draws = torch.rand((size, 5), generator=generator, device=generator.device)[shard].to(latent.device)
-    shape = (latent.shape[0], 1, *latent.shape[2:])
     if cord is None:
-        regions = torch.ones(shape, dtype=torch.bool, device=latent.device)
-    else:
-        regions = F.adaptive_max_pool3d(cord.float(), latent.shape[2:]) > 0
-    boxes = random_patches(regions, draws[:, 1:], max_size)
+        cord = torch.ones((latent.shape[0], 1, *latent.shape[2:]), dtype=torch.bool, device=latent.device)
+    boxes = random_patches(cord, draws[:, 1:], max_size)
     patched = (draws[:, 0] < fraction).float()[:, None, None, None, None]
     return patched * boxes + (1 - patched)
 

@@ -8,8 +8,9 @@ from bids_app.training.diffusion import masked_loss, patch_weights
 
 
 def _cord(batch: int) -> torch.Tensor:
-    cord = torch.zeros(batch, 1, 16, 16, 16, dtype=torch.bool)
-    cord[:, :, 6:10, 6:10, :] = True
+    """A cord on the 8^3 latent grid (x, y 3:5, every z)."""
+    cord = torch.zeros(batch, 1, 8, 8, 8, dtype=torch.bool)
+    cord[:, :, 3:5, 3:5, :] = True
     return cord
 
 

@@ -1,0 +1,40 @@
+"""The calibration stage's rule: the voxel quantile, or raised until no calibration image has a lesion."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bids_app.data import Sample
+from bids_app.settings import build_settings
+from bids_app.training import calibrate as stage
+
+
+def _residual(index: int) -> SimpleNamespace:
+    """A healthy image's native residual: low noise, and in image 1 one bright blob of 27 voxels."""
+    rng = np.random.default_rng(index)
+    residual = rng.uniform(0.0, 0.1, (20, 20, 20)).astype(np.float32)
+    if index == 1:
+        residual[5:8, 5:8, 5:8] = 0.6
+    return SimpleNamespace(residual=residual, region=np.ones(residual.shape, bool), spacing_mm=(1.0, 1.0, 1.0),
+                           seconds=0.0)
+
+
+@pytest.mark.parametrize("rule", ["voxels", "images"])
+def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_the_threshold(monkeypatch, rule) -> None:
+    results = iter([_residual(0), _residual(1)])
+    monkeypatch.setattr(stage, "native_residual", lambda *args, **kwargs: next(results))
+    monkeypatch.setattr(stage, "adapter_for", lambda *args: None)
+    base = build_settings({"bids_dir": "/b", "output_dir": "/o", "analysis_level": "group"})
+    settings = dataclasses.replace(base, segmentation=dataclasses.replace(
+        base.segmentation, calibration_rule=rule, calibration_quantile=0.99, min_lesion_mm3=5.0))
+    samples = [Sample(f"sub-0{i}_T2w", Path(f"/b/sub-0{i}_T2w.nii.gz"), {}) for i in (1, 2)]
+    calibration = stage.run_calibration(settings, SimpleNamespace(), samples, "cpu")
+    assert calibration.rule == rule
+    if rule == "voxels":
+        assert calibration.threshold < 0.6  # the 0.99 quantile of 16000 voxels of which 27 are bright
+    else:
+        assert calibration.threshold == pytest.approx(0.6)  # the blob no longer passes
