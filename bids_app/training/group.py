@@ -13,7 +13,6 @@ participants, and the other ranks are done by then.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import shutil

@@ -38,3 +38,4 @@ def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_th
         assert calibration.threshold < 0.6  # the 0.99 quantile of 16000 voxels of which 27 are bright
     else:
         assert calibration.threshold == pytest.approx(0.6)  # the blob no longer passes
+

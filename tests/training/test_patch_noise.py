@@ -110,3 +110,14 @@ def test_cosine_learning_rate_decays_from_the_base_to_zero() -> None:
     assert values == sorted(values, reverse=True)
     with pytest.raises(ValueError):
         learning_rate_at(0, 1e-3, 10, "step")
+
+
+def test_flip_augmentation_keeps_only_windows_and_flips() -> None:
+    from bids_app.data import AugmentationSettings
+    from bids_app.training.group import diffusion_augmentation
+
+    full = AugmentationSettings()
+    flip = diffusion_augmentation(full, "flip")
+    assert (flip.rotation_degrees, flip.intensity_scale, flip.intensity_shift, flip.gamma) == (0.0, 0.0, 0.0, 0.0)
+    assert flip.flip_left_right == full.flip_left_right
+    assert diffusion_augmentation(full, "full") is full and diffusion_augmentation(None, "flip") is None
