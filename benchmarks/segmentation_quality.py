@@ -89,6 +89,8 @@ def main() -> int:
     parser.add_argument("--extra-lesion", type=Path, nargs="*", default=[],
                         help="more BIDS datasets whose lesion images count in the Dice (unseen phantoms)")
     parser.add_argument("--median", type=int, default=3, help="median filter size (voxels)")
+    parser.add_argument("--grow-quantile", type=float, default=SegmentationSettings().grow_quantile,
+                        help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
     parser.add_argument("--polarity", default="bright", choices=["bright", "dark", "both"])
     parser.add_argument("--edit-region", default="cord", choices=["cord", "all"])
     parser.add_argument("--reference", default="reconstruction", choices=["reconstruction", "image"])
@@ -128,9 +130,11 @@ def main() -> int:
     for method in methods:
         pooled = np.concatenate([prepared[str(r.image)][3][method][prepared[str(r.image)][2]] for r in healthy])
         threshold = float(np.quantile(pooled, 0.999))
+        grow = float(np.quantile(pooled, args.grow_quantile)) if args.grow_quantile else None
         dices, oracles, aps, fp = [], [], [], []
         for record, pre, region, scores in prepared.values():
-            mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, spacing, 5.0)
+            mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, spacing, 5.0,
+                               grow_threshold=grow)
             if record.lesion_mask is not None:
                 truth = pre.masks["lesion"].astype(bool)
                 dices.append(dice(mask.astype(bool), truth))
@@ -138,7 +142,7 @@ def main() -> int:
                 aps.append(auprc(scores[method], truth, region))
             elif record in unseen:
                 fp.append(bool(mask.any()))
-        results[method] = {"threshold": threshold, "median_dice": float(np.median(dices)),
+        results[method] = {"threshold": threshold, "grow_threshold": grow, "median_dice": float(np.median(dices)),
                            "dice": [round(d, 4) for d in dices], "median_oracle_dice": float(np.nanmedian(oracles)),
                            "median_auprc": float(np.nanmedian(aps)),
                            "healthy_with_false_positive": f"{sum(fp)} / {len(fp)}" if fp else None}

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                "dark on T1w, bright on T2w and other suffixes)")
     _flag(seg, "--threshold", type=float, metavar="T",
           help="residual threshold for the lesion mask instead of the calibrated one")
+    _flag(seg, "--grow-quantile", type=float, metavar="Q",
+          help="grow each lesion found at the threshold over its connected voxels above this healthy quantile "
+               "(hysteresis; default 0.99); --no-grow turns it off")
+    _flag(seg, "--no-grow", action="store_true", help="lesion masks are the voxels above the threshold only")
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
           help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")
     _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter")
@@ -203,6 +207,12 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             segmentation[key] = getattr(args, flag)
     if "no_adapter" in args:
         segmentation["use_adapter"] = False
+    if "grow_quantile" in args and "no_grow" in args:
+        raise UsageError("--grow-quantile and --no-grow exclude each other")
+    if "grow_quantile" in args:
+        segmentation["grow_quantile"] = args.grow_quantile
+    if "no_grow" in args:
+        segmentation["grow_quantile"] = None
     if "strength_sweep" in args:
         segmentation["strength_sweep"] = parse_sweep(args.strength_sweep)
     if segmentation:

@@ -31,7 +31,7 @@ from bids_app.pipelines.segment import (
     native_residual,
     residual_settings,
 )
-from bids_app.segmentation.calibration import Calibration, probability_map, with_threshold
+from bids_app.segmentation.calibration import Calibration, grow_threshold, probability_map, with_threshold
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
 from bids_app.settings import RunSettings
@@ -138,12 +138,14 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
                              adapter_for(models, seg), record.control_mask)
     source = result.preprocessed.trace.source
     probability = probability_map(result.residual, calibration, result.region)
+    grow = grow_threshold(calibration, seg.grow_quantile)
     mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
-                       seg.min_lesion_mm3, seg.majority_smoothing)
+                       seg.min_lesion_mm3, seg.majority_smoothing, grow)
     extra = {
         **describe_settings(cf, rs),
         "Threshold": calibration.threshold,
         "ThresholdSource": calibration.source,
+        **({"GrowThreshold": grow, "GrowQuantile": seg.grow_quantile} if grow is not None else {}),
         "AnalysisRegion": (f"spinal-cord mask dilated by {seg.cord_margin_mm:g} mm" if result.region_source == "cord"
                            else "body foreground"),
         "ModelCardSHA256": models.card_sha256,

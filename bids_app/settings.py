@@ -167,6 +167,10 @@ class SegmentationSettings:
     # calibration images one outlier image sets "images" so high that no lesion is found; the quantile
     # gave 1 or 2 of 12 unseen healthy images a false positive.
     calibration_rule: str = "voxels"
+    # Hysteresis: a lesion found at the threshold grows over its connected voxels above this healthy
+    # quantile (None: no growth). Measured on the demo-budget model (docs/benchmarks.md, "Hysteresis"):
+    # median Dice 0.09 -> 0.41 (0.38 at 0.98, 0.31 at 0.95), false positives unchanged by design.
+    grow_quantile: float | None = 0.99
     threshold: float | None = None
     strength_sweep: tuple[float, ...] = ()
     use_adapter: bool = True
@@ -382,6 +386,8 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"segmentation.calibration_rule must be voxels or images, got {seg.calibration_rule!r}")
     if not 0.5 < seg.calibration_quantile < 1:
         raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
+    if seg.grow_quantile is not None and not 0 < seg.grow_quantile < 1:
+        raise UsageError(f"segmentation.grow_quantile must be in (0, 1) or null, got {seg.grow_quantile}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
 

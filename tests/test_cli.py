@@ -227,6 +227,18 @@ def test_segmentation_flags_reach_the_settings() -> None:
     assert cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation.polarity == "auto"
 
 
+def test_grow_flags_reach_the_settings() -> None:
+    def seg(*flags: str):
+        return cli.settings_from_args(cli.parse_args(["b", "o", "participant", *flags])).segmentation
+    assert seg().grow_quantile == 0.99
+    assert seg("--grow-quantile", "0.95").grow_quantile == 0.95
+    assert seg("--no-grow").grow_quantile is None
+    with pytest.raises(UsageError, match="exclude each other"):
+        seg("--no-grow", "--grow-quantile", "0.9")
+    with pytest.raises(UsageError, match="grow_quantile"):
+        seg("--grow-quantile", "1.5")
+
+
 def test_noising_flag_reaches_the_settings() -> None:
     default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
     assert (default.noising, default.strengths) == ("patch", (0.8,))

@@ -283,3 +283,15 @@ def with_threshold(calibration: Calibration, threshold: float) -> Calibration:
     logger.info("user threshold %.4g (healthy quantile %.4g; calibrated was %.4g)",
                 threshold, quantile, calibration.threshold)
     return replace(calibration, threshold=threshold, quantile=quantile, source="user")
+
+
+def grow_threshold(calibration: Calibration, quantile: float | None) -> float | None:
+    """The lower threshold lesions grow to (:func:`~bids_app.segmentation.lesions.grow_lesions`):
+    the healthy reference's ``quantile``, or None (no growth) when ``quantile`` is None or the
+    value is not below the threshold (e.g. a user threshold lower than it)."""
+    if quantile is None:
+        return None
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"grow quantile must be in (0, 1), got {quantile!r}")
+    value = float(np.quantile(calibration.reference.astype(np.float64), quantile))
+    return value if value < calibration.threshold else None

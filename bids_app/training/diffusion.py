@@ -131,13 +131,13 @@ class LatentPool:
         if not self.epochs:
             batch = loop.load_items(self.data, items, self.device)
             x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-            return x0, _latent_grid(batch.get("cord"), x0)
+            return x0, latent_grid(batch.get("cord"), x0)
         keys = [(epoch % self.epochs, index) for epoch, index in items]
         missing = sorted({k for k in keys if k not in self._latents})
         if missing:
             batch = loop.load_items(self.data, missing, self.device)
             x0 = encode_latent(self.vqgan, batch["image"]) * self.scale
-            cord = _latent_grid(batch.get("cord"), x0)
+            cord = latent_grid(batch.get("cord"), x0)
             for n, key in enumerate(missing):
                 self._latents[key] = (x0[n:n + 1], None if cord is None else cord[n:n + 1])
         latents = torch.cat([self._latents[k][0] for k in keys])
@@ -145,7 +145,8 @@ class LatentPool:
         return latents, None if any(c is None for c in cords) else torch.cat(cords)  # type: ignore[arg-type]
 
 
-def _latent_grid(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
+def latent_grid(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
+    """A mask on the image grid -> bool on the latent's grid (a latent voxel touching it is in)."""
     return None if mask is None else F.adaptive_max_pool3d(mask.float(), latent.shape[2:]) > 0
 
 

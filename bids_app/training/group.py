@@ -192,6 +192,7 @@ def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mappi
     diffusion = summary["diffusion"]
     unet = load_unet(settings.model_dir / "diffusion", device)
     config = AdapterConfig.for_models(unet.config, vqgan.config.downsample, **dict(settings.models.adapter))
+    patched = settings.training.diffusion
     identity = {**config.to_dict(), "diffusion_sha256": diffusion["sha256"]}
     if is_finished(directory, identity) and not settings.training.retrain:
         log.info("adapter: already trained (%s); --retrain trains it again", directory)
@@ -199,11 +200,13 @@ def _train_adapter(settings: RunSettings, prepared: PreparedData, summary: Mappi
     data = TrainingVolumes(samples, prepared.plan, settings.work_dir / "cache",
                            augment=AugmentationSettings() if settings.training.augment else None, seed=settings.compute.seed)
     stage = AdapterStage(vqgan, unet, SchedulerConfig.from_dict(diffusion["scheduler"]), config, settings.training.adapter,
-                         data, float(diffusion["latent_scale"]), device, settings.compute.seed, dist)
+                         data, float(diffusion["latent_scale"]), device, settings.compute.seed, dist,
+                         patched.patch_fraction, tuple(patched.patch_max_size))
     result = _run(stage, settings.training.adapter, settings, "adapter", identity, dist)
     if dist.is_main:
         store_component(directory, stage.inference_weights(), identity, _summary(result, settings.training.adapter, dist),
-                        {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples)})
+                        {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples),
+                         "patch_fraction": patched.patch_fraction, "patch_max_size": list(patched.patch_max_size)})
     dist.barrier()
 
 

@@ -269,3 +269,11 @@ def test_an_existing_plan_is_kept_on_rerun(simple_dataset: Path, tmp_path: Path,
     fresh = tmp_path / "fresh"
     assert run_cli(simple_dataset, fresh, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 0
     assert json.loads((fresh / "models" / "preprocessing_plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_the_adapter_records_the_patched_objective_it_learned_under(tiny_model: Path) -> None:
+    from bids_app.settings import DiffusionStageSettings
+
+    stage = json.loads((tiny_model / "adapter" / "stage.json").read_text())
+    assert stage["patch_fraction"] == DiffusionStageSettings().patch_fraction > 0
+    assert stage["patch_max_size"] == list(DiffusionStageSettings().patch_max_size)

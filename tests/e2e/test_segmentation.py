@@ -51,6 +51,8 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 1
+        # Hysteresis: lesions grow to the healthy 0.99 quantile, below the 0.999 threshold.
+        assert sidecar["GrowQuantile"] == 0.99 and sidecar["GrowThreshold"] < sidecar["Threshold"]
         # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
         assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
         assert sidecar["ResidualReference"] == "reconstruction" and sidecar["WindowOverlap"] == 0.5

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bids_app.errors import BadDataError, MissingInputError
-from bids_app.segmentation.calibration import (Calibration, calibrate, probability_map, subsample_sorted,
-                                               with_threshold)
+from bids_app.segmentation.calibration import (Calibration, calibrate, grow_threshold, probability_map,
+                                               subsample_sorted, with_threshold)
 
 
 def healthy_set(seed: int = 0, n: int = 3, shape=(20, 20, 30)):
@@ -90,6 +90,19 @@ def test_with_threshold_marks_user() -> None:
     np.testing.assert_array_equal(user.reference, cal.reference)
     with pytest.raises(ValueError):
         with_threshold(cal, float("nan"))
+
+
+def test_grow_threshold_is_a_lower_healthy_quantile() -> None:
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions, quantile=0.999)
+    pooled = np.concatenate([r[g] for r, g in zip(residuals, regions)])
+    assert grow_threshold(cal, 0.99) == pytest.approx(np.quantile(pooled, 0.99), rel=1e-3)
+    assert grow_threshold(cal, 0.99) < cal.threshold
+    assert grow_threshold(cal, None) is None
+    # Not below the threshold (a low user threshold): no growth.
+    assert grow_threshold(with_threshold(cal, float(np.quantile(pooled, 0.5))), 0.99) is None
+    with pytest.raises(ValueError, match="grow quantile"):
+        grow_threshold(cal, 1.0)
 
 
 def test_json_round_trip(tmp_path) -> None:

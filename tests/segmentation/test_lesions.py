@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_app.segmentation.lesions import (LESION_COLUMNS, label_components, lesion_mask, lesion_table,
-                                           majority_smooth, write_lesion_tsv)
+from bids_app.segmentation.lesions import (LESION_COLUMNS, label_components, lesion_free_threshold, lesion_mask,
+                                           lesion_table, majority_smooth, write_lesion_tsv)
 
 
 def blobs() -> np.ndarray:
@@ -134,3 +134,38 @@ def test_lesion_free_threshold_is_where_the_last_large_enough_blob_disappears() 
     assert lesion_mask(residual, region, t - 1e-3, (1.0, 1.0, 1.0), 4.0).any()
     assert lesion_free_threshold(residual, region, (1.0, 1.0, 1.0), min_lesion_mm3=5000.0) < residual.min()
     assert lesion_free_threshold(residual, np.zeros_like(region), (1.0, 1.0, 1.0), 4.0) == float("-inf")
+
+
+def faint_margin() -> np.ndarray:
+    """A bright 3x3x3 core inside a faint 5x5x5 margin, and a faint 3x3x3 blob on its own."""
+    res = np.zeros((16, 16, 16), np.float32)
+    res[1:6, 1:6, 1:6] = 0.4
+    res[2:5, 2:5, 2:5] = 1.0
+    res[10:13, 10:13, 10:13] = 0.4
+    return res
+
+
+def test_growth_extends_found_lesions_only() -> None:
+    res, region = faint_margin(), np.ones((16, 16, 16), bool)
+    core = lesion_mask(res, region, 0.5, (1, 1, 1), 5.0)
+    assert core.sum() == 27
+    grown = lesion_mask(res, region, 0.5, (1, 1, 1), 5.0, grow_threshold=0.3)
+    assert grown.dtype == np.uint8 and grown.sum() == 125, "the core reaches its whole margin"
+    assert grown[10:13, 10:13, 10:13].sum() == 0, "a faint blob without a core is no lesion"
+    # Growth stays inside the region, and a grow threshold at or above the threshold changes nothing.
+    region[:, :, 5] = False
+    assert lesion_mask(res, region, 0.5, (1, 1, 1), 5.0, grow_threshold=0.3).sum() == 100
+    np.testing.assert_array_equal(lesion_mask(faint_margin(), np.ones_like(region), 0.5, (1, 1, 1), 5.0,
+                                              grow_threshold=0.5), core)
+
+
+def test_growth_never_creates_a_lesion() -> None:
+    """The size filter decides on the seeds: a 2-voxel core below 5 mm3 stays removed, however
+    large its faint margin, so an image has a lesion with growth exactly when it has one without."""
+    res = np.zeros((12, 12, 12), np.float32)
+    res[2:9, 2:9, 2:9] = 0.4
+    res[5, 5, 5:7] = 1.0
+    region = np.ones(res.shape, bool)
+    assert not lesion_mask(res, region, 0.5, (1, 1, 1), 5.0).any()
+    assert not lesion_mask(res, region, 0.5, (1, 1, 1), 5.0, grow_threshold=0.3).any()
+    assert lesion_free_threshold(res, region, (1, 1, 1), 5.0) == pytest.approx(0.4)

@@ -121,3 +121,65 @@ def test_flip_augmentation_keeps_only_windows_and_flips() -> None:
     assert (flip.rotation_degrees, flip.intensity_scale, flip.intensity_shift, flip.gamma) == (0.0, 0.0, 0.0, 0.0)
     assert flip.flip_left_right == full.flip_left_right
     assert diffusion_augmentation(full, "full") is full and diffusion_augmentation(None, "flip") is None
+
+
+class _RecordingUNet(torch.nn.Module):
+    """Predicts the adapter's first feature map (so the adapter gets a gradient); keeps its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # frozen by the stage; present like a real UNet's
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, features: list) -> torch.Tensor:
+        self.inputs.append(noisy.detach().clone())
+        return features[0][:, :noisy.shape[1]] + 0 * noisy
+
+
+def _adapter_stage(fraction: float):
+    from bids_app.models.adapter import AdapterConfig
+    from bids_app.schedulers import SchedulerConfig
+    from bids_app.settings import StageSettings
+    from bids_app.training.adapter import AdapterStage
+
+    class VQGAN(torch.nn.Module, _FakeVQGAN):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            _FakeVQGAN.__init__(self)
+
+    class Data(_AugmentedData):
+        """One item: an 8^3 image (a 4^3 latent) with a cord through its middle."""
+
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> dict:
+            control = torch.zeros(1, 8, 8, 8)
+            control[:, 2:6, 2:6] = 1.0
+            return {"image": torch.arange(512.0).reshape(1, 8, 8, 8) / 512, "control": control}
+
+    config = AdapterConfig(in_channels=1, hidden=4, input_downsample=(2, 2, 2), level_channels=(4,), level_downsample=())
+    unet = _RecordingUNet()
+    settings = StageSettings(max_steps=1, batch_size=2, learning_rate=1e-3)
+    stage = AdapterStage(VQGAN(), unet, SchedulerConfig(num_train_timesteps=100), config, settings, Data(),
+                         1.0, "cpu", seed=0, patch_fraction=fraction, patch_max_size=(1, 1, 1))
+    return stage, unet
+
+
+def test_the_adapter_learns_under_the_patched_objective() -> None:
+    """With patch_fraction 1 the UNet sees each latent clean except one box in the cord (as at inference);
+    with 0 it sees the whole latent noised."""
+    cord = torch.zeros(4, 4, 4, dtype=torch.bool)
+    cord[1:3, 1:3] = True
+    for fraction, expected_noised in ((1.0, 1), (0.0, 64)):
+        stage, unet = _adapter_stage(fraction)
+        before = [p.detach().clone() for p in stage.adapter.parameters()]
+        metrics = stage.train_step(0)
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        assert any(not torch.equal(a, p) for a, p in zip(before, stage.adapter.parameters())), "the adapter learns"
+        x0 = F.avg_pool3d(stage.train_data[0]["image"][None], 2)[0]
+        for noisy in unet.inputs[0]:
+            changed = (noisy - x0).abs().amax(0) > 1e-6
+            assert int(changed.sum()) == expected_noised
+            if fraction:
+                assert (changed & cord).any(), "the box lies in the cord"
