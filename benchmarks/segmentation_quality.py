@@ -20,7 +20,9 @@ its scores inside the analysis region of the healthy validation images recorded 
 Reported: median Dice over lesion images at that threshold, the oracle best Dice, AUPRC, and how
 many healthy images the model never saw (neither trained nor calibrated on: the rest of BIDS_DIR's
 healthy participants and those of ``--extra-healthy``) get any false-positive lesion (after
-removing components below 5 mm3).
+removing components below 5 mm3). Every method's lesions then grow to its own healthy
+``--grow-quantile`` (the app's hysteresis, default the app's 0.99; 0 turns it off), which leaves
+that false-positive count unchanged.
 """
 from __future__ import annotations
 

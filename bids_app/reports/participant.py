@@ -139,6 +139,9 @@ def summary_rows(image: ImageOutputs, model: Mapping[str, Any]) -> list[tuple[st
         ("total lesion volume (mm³)", total),
         ("threshold (residual)", sidecar.get("Threshold")),
         ("threshold origin", _THRESHOLD_ORIGINS.get(sidecar.get("ThresholdSource"), sidecar.get("ThresholdSource"))),
+        ("lesions grown to (residual)", (f"{html.fmt(sidecar['GrowThreshold'])} (healthy quantile "
+                                         f"{html.fmt(sidecar.get('GrowQuantile'))})") if "GrowThreshold" in sidecar
+         else "not grown"),
         ("noising strength(s)", sidecar.get("Strengths")),
         ("samples per strength", sidecar.get("Samples")),
         ("denoising steps", sidecar.get("Steps")),
