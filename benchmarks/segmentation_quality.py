@@ -6,8 +6,9 @@
 In model space (the preprocessed grid covering the whole cord, slid over in model-sized windows;
 ground truth resampled nearest-neighbour) it compares on every lesion image of BIDS_DIR:
 
-- counterfactual (patch): the app's residual x - x_hat (edit transferred onto the input, only the
-  cord regenerated, one latent patch at a time with the rest clean, polarity as given) at the
+- counterfactual (patch): the app's residual (``--reference both``: the agreement of x - x_hat, the
+  edit transferred onto the input, and x - D(z), the raw decoding; only the cord regenerated, one
+  latent patch at a time with the rest clean, polarity as given) at the
   app's strength(s), with and (when the model has one) without the T2I-Adapter steering it with
   the cord mask;
 - counterfactual (region): the same with the whole cord noised at once (the method before patched
@@ -55,10 +56,12 @@ def scores_for(models, pre, region, args):
     def residual(strengths, reference, features=None, noising="patch"):
         cf = CounterfactualSettings(strengths=tuple(strengths), steps=args.steps, seed=args.seed,
                                     n_samples=args.n_samples, reference=reference, noising=noising)
-        editable = region if args.edit_region == "cord" and reference == "reconstruction" else None
+        editable = region if args.edit_region == "cord" and reference != "image" else None
         cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                        pre.image, cf, shape, "cpu", features, editable)
-        return smooth(residual_map(pre.image, [c.image for c in cfs], args.polarity)[0], args.median, valid=pre.valid)
+        decodings = [c.decoded for c in cfs] if reference == "both" else None
+        return smooth(residual_map(pre.image, [c.image for c in cfs], args.polarity, decodings)[0], args.median,
+                      valid=pre.valid)
 
     features = None
     if models.adapter is not None and "cord" in pre.masks:
@@ -95,7 +98,7 @@ def main() -> int:
                         help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
     parser.add_argument("--polarity", default="bright", choices=["bright", "dark", "both"])
     parser.add_argument("--edit-region", default="cord", choices=["cord", "all"])
-    parser.add_argument("--reference", default="reconstruction", choices=["reconstruction", "image"])
+    parser.add_argument("--reference", default="both", choices=["both", "reconstruction", "image"])
     args = parser.parse_args()
     started = time.time()
     models = load_trained_models(args.model_dir)

@@ -12,6 +12,8 @@ decoding. The autoencoder's own reconstruction error (blur, codebook snapping of
 cancels out of the residual ``x - x_hat = D(E(x)) - D(z_s)`` instead of burying the lesions in it
 (measured: oracle Dice 0.10 -> 0.16 with the same model, docs/benchmarks.md). ``reference="image"``
 returns the raw decoding, and strength 0 the autoencoder reconstruction (the baseline).
+``reference="both"`` returns the transferred counterfactual as ``image`` and the raw decoding as
+``decoded``, for the agreement residual (:func:`bids_app.segmentation.residuals.agreement_residual`).
 
 ``edit_region="cord"``: only the latent voxels touching the analysis region (the cord) are
 regenerated; everything else is held on the input's latent at every step (RePaint-style), so the
@@ -60,7 +62,7 @@ from bids_app.schedulers import (
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddim", "ddpm")
-REFERENCES = ("reconstruction", "image")
+REFERENCES = ("reconstruction", "image", "both")
 EDIT_REGIONS = ("cord", "all")
 NOISINGS = ("patch", "region")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -121,6 +123,8 @@ class Counterfactual:
     sample: int
     start_timestep: int | None
     image: np.ndarray  # model space, normalised intensities
+    #: The raw decoding D(z) (``reference="both"`` only; otherwise None): the residual then needs both.
+    decoded: np.ndarray | None = None
 
 
 def strength_timesteps(num_train_timesteps: int, strength: float, steps: int) -> list[int]:
@@ -334,7 +338,8 @@ def batch_counterfactuals(
     denoise_chains(model_fn, [c for job in jobs for c in job.chains], size)
     moved = [i for i, job in enumerate(jobs) if job.start is not None]
     # The references D(E(x)) and the counterfactuals in one batched decode.
-    references = latents if settings.reference == "reconstruction" else []
+    references = latents if settings.reference in ("reconstruction", "both") else []
+    keep_decoded = settings.reference == "both"
     decoded = _decode_all(vqgan, [*references, *(jobs[i].latent() for i in moved)], latent_scale, settings)
     reconstructions: list[np.ndarray | None] = [d[0, 0].float().cpu().numpy() for d in decoded[:len(references)]]
     reconstructions += [None] * (len(inputs) - len(reconstructions))
@@ -343,15 +348,16 @@ def batch_counterfactuals(
     for i, job in enumerate(jobs):
         w, strength, k = job.window, job.strength, job.sample
         reconstruction = reconstructions[w]
+        raw = None
         if i in decoded_by_job:
-            image = decoded_by_job[i][0, 0].float().cpu().numpy()
+            image = raw = decoded_by_job[i][0, 0].float().cpu().numpy()
             if reconstruction is not None:
-                image = np.asarray(inputs[w].image, dtype=np.float32) + (image - reconstruction)
+                image = np.asarray(inputs[w].image, dtype=np.float32) + (raw - reconstruction)
         elif reconstruction is not None:  # no step taken: the input itself, exactly
-            image = np.asarray(inputs[w].image, dtype=np.float32).copy()
+            image, raw = np.asarray(inputs[w].image, dtype=np.float32).copy(), reconstruction
         else:
             image = _decode_all(vqgan, [job.latent()], latent_scale, settings)[0][0, 0].float().cpu().numpy()
-        results[w].append(Counterfactual(strength, k, job.start, image))
+        results[w].append(Counterfactual(strength, k, job.start, image, raw if keep_decoded else None))
         log.debug("counterfactual at strength %.2f (sample %d) from timestep %s", strength, k, job.start)
     return results
 
@@ -407,5 +413,10 @@ def windowed_counterfactuals(
               for index, window in enumerate(slices)]
     per_window = batch_counterfactuals(vqgan, unet, scheduler_config, latent_scale, inputs, settings, device)
     blended = slide(image.shape, shape, lambda index, _: [r.image for r in per_window[index]], settings.window_overlap)
+    decoded: list[np.ndarray | None] = [None] * len(blended)
+    if settings.reference == "both":
+        decoded = slide(image.shape, shape, lambda index, _: [r.decoded for r in per_window[index]],
+                        settings.window_overlap)
     log.debug("%d counterfactual(s) blended from %d windows of %s over %s", len(blended), len(slices), shape, image.shape)
-    return [Counterfactual(m.strength, m.sample, m.start_timestep, b) for m, b in zip(per_window[0], blended)]
+    return [Counterfactual(m.strength, m.sample, m.start_timestep, b, raw)
+            for m, b, raw in zip(per_window[0], blended, decoded)]

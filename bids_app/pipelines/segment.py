@@ -76,7 +76,8 @@ def native_residual(
     editable = region if cf_settings.edit_region == "cord" and source == "cord" else None
     cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                    pre.image, cf_settings, models.plan.target_shape, device, features_for, editable)
-    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity)
+    decodings = [c.decoded for c in cfs] if cf_settings.reference == "both" else None
+    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity, decodings)
     residual = smooth(residual, residual_settings.median_size, valid=pre.valid)
     if source != "cord":
         log.warning("%s: no cord mask: anomalies are searched in the whole body foreground", name)

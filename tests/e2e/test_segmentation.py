@@ -55,7 +55,7 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         assert sidecar["GrowQuantile"] == 0.99 and sidecar["GrowThreshold"] < sidecar["Threshold"]
         # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
         assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
-        assert sidecar["ResidualReference"] == "reconstruction" and sidecar["WindowOverlap"] == 0.5
+        assert sidecar["ResidualReference"] == "both" and sidecar["WindowOverlap"] == 0.5
         # Patched noising: one 2x2x2-latent patch at a time, the rest clean, two shifted grids.
         assert sidecar["Noising"] == "patch" and sidecar["PatchSize"] == [2, 2, 2] and sidecar["PatchOffsets"] == 2
         assert sidecar["AdapterUsed"] is True, "the tiny model has an adapter and every phantom a cord mask"

@@ -227,3 +227,17 @@ def test_a_single_volume_runs_as_a_pair_on_cpu_and_gives_the_same_result() -> No
     assert seen[-1] == (3, 3, 3), "real batches pass unchanged"
     avoid_single_batch(fn, x, t, f, width=64 * 16 * 64)
     assert seen[-1] == (1, 1, 1), "layers wide enough for oneDNN alone are not run twice"
+
+
+def test_reference_both_gives_the_transferred_image_and_the_raw_decoding(models) -> None:
+    vqgan, unet, _ = models
+    image = np.concatenate(_images(2), axis=2)  # three windows: the decodings are blended like the images
+    settings = CounterfactualSettings(strengths=(0.0, 0.6), steps=2, seed=3)
+    run = {ref: windowed_counterfactuals(vqgan, unet, SCHEDULE, 1.0, image, dataclasses.replace(settings, reference=ref),
+                                         (16, 16, 16)) for ref in ("both", "reconstruction", "image")}
+    for both, transferred, raw in zip(run["both"], run["reconstruction"], run["image"]):
+        np.testing.assert_allclose(both.image, transferred.image, atol=1e-5)
+        np.testing.assert_allclose(both.decoded, raw.image, atol=1e-5)
+        assert transferred.decoded is None and raw.decoded is None
+    np.testing.assert_array_equal(run["both"][0].image, image)  # strength 0: the input, and its reconstruction
+    assert not np.allclose(run["both"][0].decoded, image, atol=1e-2)

@@ -8,8 +8,8 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.segmentation import residuals as R
-from bids_app.segmentation.residuals import (ResidualSettings, analysis_region, dilate_mm, residual_map, signed_residual,
-                                             restrict, smooth)
+from bids_app.segmentation.residuals import (ResidualSettings, agreement_residual, analysis_region, dilate_mm,
+                                             residual_map, restrict, signed_residual, smooth)
 
 
 @pytest.fixture(autouse=True)
@@ -162,3 +162,35 @@ def test_unknown_polarity_is_refused() -> None:
         signed_residual(np.zeros(2), np.zeros(2), "up")
     with pytest.raises(UsageError):
         ResidualSettings(polarity="up")
+
+
+def test_agreement_is_the_geometric_mean_where_both_residuals_point_the_polarity_way() -> None:
+    x = np.array([1.0, 1.0, 1.0, 1.0])
+    counterfactual = np.array([0.0, 0.5, 1.5, 0.2])  # x - cf: 1, 0.5, -0.5, 0.8
+    decoded = np.array([0.75, -3.0, 0.5, 1.6])  # x - D(z): 0.25, 4, 0.5, -0.6
+    np.testing.assert_allclose(agreement_residual(x, counterfactual, decoded, "bright"), [0.5, np.sqrt(2.0), 0, 0])
+    np.testing.assert_allclose(agreement_residual(x, counterfactual, decoded, "dark"), [0, 0, 0, 0])
+    np.testing.assert_allclose(agreement_residual(x, counterfactual, decoded, "both"), [0.5, np.sqrt(2.0), 0, 0])
+    np.testing.assert_allclose(agreement_residual(-x, -counterfactual, -decoded, "dark"), [0.5, np.sqrt(2.0), 0, 0])
+    with pytest.raises(ValueError, match="polarity"):
+        agreement_residual(x, counterfactual, decoded, "up")
+
+
+def test_agreement_equals_the_plain_residual_when_the_decoding_is_the_counterfactual() -> None:
+    rng = np.random.default_rng(3)
+    x, cf = rng.normal(size=(2, 6, 6, 6))
+    for polarity in ("bright", "dark", "both"):
+        np.testing.assert_allclose(agreement_residual(x, cf, cf, polarity), signed_residual(x, cf, polarity))
+
+
+def test_residual_map_with_decodings_averages_the_agreement() -> None:
+    x = np.ones((2, 2, 2), np.float32)
+    cfs = [np.zeros_like(x), np.full_like(x, 0.5)]
+    decodings = [np.full_like(x, 0.75), np.zeros_like(x)]  # agreements sqrt(1 * 0.25) = 0.5, sqrt(0.5 * 1)
+    mean, spread = residual_map(x, cfs, "bright", decodings)
+    np.testing.assert_allclose(mean, (0.5 + np.sqrt(0.5)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(spread, (np.sqrt(0.5) - 0.5) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="decodings"):
+        residual_map(x, cfs, "bright", decodings[:1])
+    with pytest.raises(ValueError, match="decoding 1"):
+        residual_map(x, cfs, "bright", [decodings[0], np.zeros((2, 2))])
