@@ -16,8 +16,10 @@ ground truth resampled nearest-neighbour) it compares on every lesion image of B
 - reconstruction: |x - D(E(x))|, the VQ-GAN alone (strength 0, raw decoding);
 - zscore: in-region intensity z-score of the image itself.
 
-Each method's threshold is calibrated the same way, without lesion labels: the 0.999 quantile of
-its scores inside the analysis region of the healthy validation images recorded in MODEL_DIR.
+Each method's threshold is calibrated the app's way, without lesion labels, on the healthy
+validation images recorded in MODEL_DIR: the 0.999 quantile of its in-region scores, raised (rule
+``images``, the default) to the bound at which a new healthy image has a lesion with probability
+``--image-fpr`` (``segmentation.calibration.image_bound``).
 Reported: median Dice over lesion images at that threshold, the oracle best Dice, AUPRC, and how
 many healthy images the model never saw (neither trained nor calibrated on: the rest of BIDS_DIR's
 healthy participants and those of ``--extra-healthy``) get any false-positive lesion (after
@@ -43,7 +45,8 @@ from bids_app.bids.layout import collect_images, find_derivative_datasets, load_
 from bids_app.model_store import load_trained_models  # noqa: E402
 from bids_app.pipelines.counterfactual import CounterfactualSettings, windowed_counterfactuals  # noqa: E402
 from bids_app.preprocessing.pipeline import preprocess  # noqa: E402
-from bids_app.segmentation.lesions import lesion_mask  # noqa: E402
+from bids_app.segmentation.calibration import calibrate, grow_threshold  # noqa: E402
+from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask  # noqa: E402
 from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice  # noqa: E402
 from bids_app.segmentation.residuals import analysis_region, residual_map, smooth  # noqa: E402
 from bids_app.settings import SegmentationSettings, SelectionSettings  # noqa: E402
@@ -96,6 +99,10 @@ def main() -> int:
     parser.add_argument("--median", type=int, default=3, help="median filter size (voxels)")
     parser.add_argument("--grow-quantile", type=float, default=SegmentationSettings().grow_quantile,
                         help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
+    parser.add_argument("--rule", default=SegmentationSettings().calibration_rule, choices=["images", "voxels"],
+                        help="calibration rule (default: the app's)")
+    parser.add_argument("--image-fpr", type=float, default=SegmentationSettings().calibration_image_fpr,
+                        help="rule images: healthy image false-positive rate (default: the app's); 0 = maximum")
     parser.add_argument("--polarity", default="bright", choices=["bright", "dark", "both"])
     parser.add_argument("--edit-region", default="cord", choices=["cord", "all"])
     parser.add_argument("--reference", default="both", choices=["both", "reconstruction", "image"])
@@ -133,9 +140,13 @@ def main() -> int:
     results = {}
     methods = next(iter(prepared.values()))[3].keys()
     for method in methods:
-        pooled = np.concatenate([prepared[str(r.image)][3][method][prepared[str(r.image)][2]] for r in healthy])
-        threshold = float(np.quantile(pooled, 0.999))
-        grow = float(np.quantile(pooled, args.grow_quantile)) if args.grow_quantile else None
+        maps = [prepared[str(r.image)][3][method] for r in healthy]
+        regions = [prepared[str(r.image)][2] for r in healthy]
+        lesion_free = ([lesion_free_threshold(m, g, spacing, 5.0) for m, g in zip(maps, regions)]
+                       if args.rule == "images" else None)
+        calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free, image_fpr=args.image_fpr or None)
+        threshold = calibration.threshold
+        grow = grow_threshold(calibration, args.grow_quantile or None)
         dices, oracles, aps, fp = [], [], [], []
         for record, pre, region, scores in prepared.values():
             mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, spacing, 5.0,
@@ -155,6 +166,7 @@ def main() -> int:
               "model_card": models.card.get("preset"), "strengths": args.strength, "steps": args.steps,
               "region_strengths": args.region_strength, "noising": args.noising,
               "n_samples": args.n_samples, "polarity": args.polarity, "reference": args.reference,
+              "rule": args.rule, "image_fpr": args.image_fpr,
               "median_size": args.median, "edit_region": args.edit_region, "cord_margin_mm": args.margin,
               "n_lesion_images": len(lesioned), "n_healthy_validation_images": len(healthy),
               "n_unseen_healthy_images": len(unseen),

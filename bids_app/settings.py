@@ -165,11 +165,13 @@ class SegmentationSettings:
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
     calibration_quantile: float = 0.999
-    # "voxels": the quantile only; "images": also raised until no calibration image has a lesion after
-    # the size filter. Measured on the demo-budget model (docs/benchmarks.md, "Patched noising"): with 2
-    # calibration images one outlier image sets "images" so high that no lesion is found; the quantile
-    # gave 1 or 2 of 12 unseen healthy images a false positive.
-    calibration_rule: str = "voxels"
+    # "voxels": the quantile only; "images": also raised to the threshold at which a new healthy image
+    # has a lesion (after the size filter) with probability calibration_image_fpr, predicted from the
+    # calibration images' lesion-free thresholds (segmentation.calibration.image_bound; None: their
+    # maximum). Measured on the demo-budget model (docs/benchmarks.md, "Image-level calibration"): the
+    # voxel quantile gave 7-9 of 12 unseen healthy images a false positive; "images" at 0.1 gave 8-10 %.
+    calibration_rule: str = "images"
+    calibration_image_fpr: float | None = 0.1
     # Hysteresis: a lesion found at the threshold grows over its connected voxels above this healthy
     # quantile (None: no growth). Measured on the demo-budget model (docs/benchmarks.md, "Hysteresis"):
     # median Dice 0.09 -> 0.41 (0.38 at 0.98, 0.31 at 0.95), false positives unchanged by design.
@@ -387,6 +389,9 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, got {seg.precision!r}")
     if seg.calibration_rule not in ("voxels", "images"):
         raise UsageError(f"segmentation.calibration_rule must be voxels or images, got {seg.calibration_rule!r}")
+    if seg.calibration_image_fpr is not None and not 0 < seg.calibration_image_fpr < 0.5:
+        raise UsageError("segmentation.calibration_image_fpr must be in (0, 0.5) or null, got "
+                         f"{seg.calibration_image_fpr}")
     if not 0.5 < seg.calibration_quantile < 1:
         raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
     if seg.grow_quantile is not None and not 0 < seg.grow_quantile < 1:

@@ -41,7 +41,9 @@ def calibration_identity(settings: RunSettings, upstream_sha256: str) -> dict[st
     """What a calibration depends on: the model and every setting of the residual procedure."""
     return {"models_sha256": upstream_sha256, **segmentation_identity(settings.segmentation),
             "quantile": settings.segmentation.calibration_quantile,
-            "rule": settings.segmentation.calibration_rule, "seed": settings.compute.seed}
+            "rule": settings.segmentation.calibration_rule, "seed": settings.compute.seed,
+            **({"image_fpr": settings.segmentation.calibration_image_fpr}
+               if settings.segmentation.calibration_rule == "images" else {})}
 
 
 def run_calibration(settings: RunSettings, models: TrainedModels, samples: Sequence[Sample], device: str) -> Calibration:
@@ -61,7 +63,8 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
         log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
         killpoints.reached("calibrate:image")
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile,
-                            lesion_free=lesion_free if seg.calibration_rule == "images" else None)
+                            lesion_free=lesion_free if seg.calibration_rule == "images" else None,
+                            image_fpr=seg.calibration_image_fpr)
     return calibration
 
 

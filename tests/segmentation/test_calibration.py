@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bids_app.errors import BadDataError, MissingInputError
-from bids_app.segmentation.calibration import (Calibration, calibrate, grow_threshold, probability_map,
+from bids_app.segmentation.calibration import (Calibration, calibrate, grow_threshold, image_bound, probability_map,
                                                subsample_sorted, with_threshold)
 
 
@@ -176,3 +176,41 @@ def test_the_images_rule_raises_the_threshold_until_no_calibration_image_has_a_l
     assert Calibration.from_dict(json.loads(json.dumps(raised.to_dict()))).rule == "images"
     with pytest.raises(ValueError, match="lesion-free"):
         calibrate(residuals, regions, lesion_free=[0.1])
+
+
+def test_the_image_bound_is_the_t_prediction_bound_of_one_more_image() -> None:
+    values = [0.10, 0.14, 0.12, 0.16]
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    t90 = 1.6377443536962102  # Student t, 3 degrees of freedom, 0.9 quantile
+    assert image_bound(values, 0.1) == pytest.approx(mean + t90 * sd * np.sqrt(1.25))
+    assert image_bound(values, 0.05) > image_bound(values, 0.1) > image_bound(values, 0.3)
+    assert image_bound(values, None) == 0.16 and image_bound([0.2], 0.1) == 0.2
+    with pytest.raises(ValueError, match="image_fpr"):
+        image_bound(values, 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        image_bound([], 0.1)
+
+
+def test_the_image_bound_keeps_its_false_positive_rate_on_normal_images() -> None:
+    """Over many calibration sets of 8 images, a new image exceeds the bound 10 % of the time
+    (the prediction bound is exact for normal values); the maximum of 8 is exceeded 1/9 of the time."""
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.15, 0.02, size=(20000, 9))
+    bound = np.array([image_bound(row[:8], 0.1) for row in draws[:4000]])
+    assert float(np.mean(draws[:4000, 8] > bound)) == pytest.approx(0.1, abs=0.015)
+    assert float(np.mean(draws[:, 8] > draws[:, :8].max(axis=1))) == pytest.approx(1 / 9, abs=0.01)
+
+
+def test_the_images_rule_at_a_false_positive_rate_records_it() -> None:
+    residuals, regions = healthy_set()
+    plain = calibrate(residuals, regions, quantile=0.99)
+    lesion_free = [plain.threshold * f for f in (1.2, 1.5, 1.3)]
+    cal = calibrate(residuals, regions, quantile=0.99, lesion_free=lesion_free, image_fpr=0.1)
+    assert cal.threshold == pytest.approx(image_bound(lesion_free, 0.1)) and cal.threshold > max(lesion_free)
+    assert cal.rule == "images" and cal.image_fpr == 0.1
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.image_fpr == 0.1 and back.threshold == cal.threshold
+    assert "image_fpr" not in plain.to_dict() and Calibration.from_dict(plain.to_dict()).image_fpr is None
+    assert calibrate(residuals, regions, quantile=0.99, image_fpr=0.1).image_fpr is None  # rule voxels
+    with pytest.raises(ValueError, match="image_fpr"):
+        Calibration.from_dict({**cal.to_dict(), "image_fpr": 2.0})

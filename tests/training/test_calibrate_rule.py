@@ -1,4 +1,4 @@
-"""The calibration stage's rule: the voxel quantile, or raised until no calibration image has a lesion."""
+"""The calibration stage's rule: the voxel quantile, or raised for the healthy images' false-positive rate."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,19 +23,24 @@ def _residual(index: int) -> SimpleNamespace:
                            seconds=0.0)
 
 
-@pytest.mark.parametrize("rule", ["voxels", "images"])
-def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_the_threshold(monkeypatch, rule) -> None:
+@pytest.mark.parametrize("rule, image_fpr", [("voxels", 0.1), ("images", None), ("images", 0.1)])
+def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_the_threshold(monkeypatch, rule,
+                                                                                          image_fpr) -> None:
     results = iter([_residual(0), _residual(1)])
     monkeypatch.setattr(stage, "native_residual", lambda *args, **kwargs: next(results))
     monkeypatch.setattr(stage, "adapter_for", lambda *args: None)
     base = build_settings({"bids_dir": "/b", "output_dir": "/o", "analysis_level": "group"})
     settings = dataclasses.replace(base, segmentation=dataclasses.replace(
-        base.segmentation, calibration_rule=rule, calibration_quantile=0.99, min_lesion_mm3=5.0))
+        base.segmentation, calibration_rule=rule, calibration_quantile=0.99, min_lesion_mm3=5.0,
+        calibration_image_fpr=image_fpr))
     samples = [Sample(f"sub-0{i}_T2w", Path(f"/b/sub-0{i}_T2w.nii.gz"), {}) for i in (1, 2)]
     calibration = stage.run_calibration(settings, SimpleNamespace(), samples, "cpu")
     assert calibration.rule == rule
     if rule == "voxels":
         assert calibration.threshold < 0.6  # the 0.99 quantile of 16000 voxels of which 27 are bright
-    else:
+        assert calibration.image_fpr is None
+    elif image_fpr is None:
         assert calibration.threshold == pytest.approx(0.6)  # the blob no longer passes
+    else:  # two images, lesion-free at ~0.1 and 0.6: the t bound (1 degree of freedom) lies far above both
+        assert calibration.threshold > 1.0 and calibration.image_fpr == 0.1
 
