@@ -3,8 +3,12 @@
     python benchmarks/segmentation_quality.py BIDS_DIR MODEL_DIR [--extra-healthy DIR ...] [--extra-lesion DIR ...]
         [--strength S ...] [--steps N] [--noising patch region] [--polarity bright] [--out results.json]
 
-In model space (the preprocessed grid covering the whole cord, slid over in model-sized windows;
-ground truth resampled nearest-neighbour) it compares on every lesion image of BIDS_DIR:
+Score maps are made in model space (the preprocessed grid covering the whole cord, slid over in
+model-sized windows) and, as the app does, mapped back to each image's own grid (continuous maps
+resampled linearly, the region as a mask) where they are calibrated, thresholded and compared
+with the ground-truth mask file (until session 6 this was done in model space, where the
+interpolation to the native grid does not smooth the healthy maxima: higher thresholds). It
+compares on every lesion image of BIDS_DIR:
 
 - counterfactual (patch): the app's residual (``--reference both``: the agreement of x - x_hat, the
   edit transferred onto the input, and x - D(z), the raw decoding; only the cord regenerated, one
@@ -36,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -78,6 +83,20 @@ def scores_for(models, pre, region, args):
             scores[f"counterfactual ({noising}) + adapter"] = residual(strengths, args.reference, features, noising)
     scores["reconstruction"] = residual((0.0,), "image", noising="region")
     return scores
+
+
+def on_native_grid(record, pre, region, scores):
+    """Region, score maps and ground truth on the image's own grid, as the app evaluates them: score
+    maps resampled as continuous maps, the region as a mask, the truth read from its file."""
+    trace = pre.trace
+    native_region = trace.inverse(region.astype(np.float32), "mask").astype(bool)
+    native = {method: np.where(native_region, trace.inverse(score, "probability"), 0.0).astype(np.float32)
+              for method, score in scores.items()}
+    truth = None
+    if record.lesion_mask is not None:
+        truth = np.asanyarray(nib.load(record.lesion_mask).dataobj) > 0
+    spacing = tuple(float(z) for z in trace.source.zooms[:3])
+    return record, native_region, native, truth, spacing
 
 
 def main() -> int:
@@ -136,23 +155,22 @@ def main() -> int:
         scores = scores_for(models, pre, region, args)
         mean, std = pre.image[region].mean(), pre.image[region].std() + 1e-6
         scores["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
-        prepared[str(record.image)] = (record, pre, region, scores)
+        prepared[str(record.image)] = on_native_grid(record, pre, region, scores)
     results = {}
-    methods = next(iter(prepared.values()))[3].keys()
+    methods = next(iter(prepared.values()))[2].keys()
     for method in methods:
-        maps = [prepared[str(r.image)][3][method] for r in healthy]
-        regions = [prepared[str(r.image)][2] for r in healthy]
-        lesion_free = ([lesion_free_threshold(m, g, spacing, 5.0) for m, g in zip(maps, regions)]
-                       if args.rule == "images" else None)
+        maps = [prepared[str(r.image)][2][method] for r in healthy]
+        regions = [prepared[str(r.image)][1] for r in healthy]
+        lesion_free = ([lesion_free_threshold(m, g, prepared[str(r.image)][4], 5.0)
+                        for m, g, r in zip(maps, regions, healthy)] if args.rule == "images" else None)
         calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free, image_fpr=args.image_fpr or None)
         threshold = calibration.threshold
         grow = grow_threshold(calibration, args.grow_quantile or None)
         dices, oracles, aps, fp = [], [], [], []
-        for record, pre, region, scores in prepared.values():
-            mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, spacing, 5.0,
+        for record, region, scores, truth, voxel_mm in prepared.values():
+            mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, 5.0,
                                grow_threshold=grow)
-            if record.lesion_mask is not None:
-                truth = pre.masks["lesion"].astype(bool)
+            if truth is not None:
                 dices.append(dice(mask.astype(bool), truth))
                 oracles.append(best_dice_over_thresholds(scores[method], truth, region)["oracle_best_dice"])
                 aps.append(auprc(scores[method], truth, region))

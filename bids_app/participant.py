@@ -145,6 +145,9 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
         **describe_settings(cf, rs),
         "Threshold": calibration.threshold,
         "ThresholdSource": calibration.source,
+        "CalibrationRule": calibration.rule,
+        "CalibrationImages": calibration.n_images,
+        **({"CalibrationImageFPR": calibration.image_fpr} if calibration.image_fpr is not None else {}),
         **({"GrowThreshold": grow, "GrowQuantile": seg.grow_quantile} if grow is not None else {}),
         "AnalysisRegion": (f"spinal-cord mask dilated by {seg.cord_margin_mm:g} mm" if result.region_source == "cord"
                            else "body foreground"),

@@ -127,6 +127,20 @@ def _image_section(output_dir: Path, image: ImageOutputs, model: Mapping[str, An
     return html.section(f"image-{image.stem}", image.source, "".join(parts))
 
 
+def _calibration_text(sidecar: Mapping[str, Any]) -> str | None:
+    """How the calibrated threshold was set, in words (None for outputs written before it was recorded)."""
+    rule, n = sidecar.get("CalibrationRule"), sidecar.get("CalibrationImages")
+    if rule is None:
+        return None
+    where = f"{n} healthy held-out image(s)"
+    if rule == "voxels":
+        return f"{where}: voxel quantile"
+    fpr = sidecar.get("CalibrationImageFPR")
+    if fpr is None:
+        return f"{where}: none of them has a lesion"
+    return f"{where}: predicted healthy image false-positive rate {100 * float(fpr):g} %"
+
+
 def summary_rows(image: ImageOutputs, model: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """The per-image table: what was found and how (labels are what the page shows)."""
     sidecar, evaluation, lesions = image.sidecar, image.evaluation, image.lesions
@@ -139,6 +153,7 @@ def summary_rows(image: ImageOutputs, model: Mapping[str, Any]) -> list[tuple[st
         ("total lesion volume (mm³)", total),
         ("threshold (residual)", sidecar.get("Threshold")),
         ("threshold origin", _THRESHOLD_ORIGINS.get(sidecar.get("ThresholdSource"), sidecar.get("ThresholdSource"))),
+        ("calibration", _calibration_text(sidecar)),
         ("lesions grown to (residual)", (f"{html.fmt(sidecar['GrowThreshold'])} (healthy quantile "
                                          f"{html.fmt(sidecar.get('GrowQuantile'))})") if "GrowThreshold" in sidecar
          else "not grown"),

@@ -51,6 +51,9 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 1
+        # The image-level rule: the threshold predicts a 10 % healthy image false-positive rate.
+        assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.1
+        assert sidecar["CalibrationImages"] >= 1
         # Hysteresis: lesions grow to the healthy 0.99 quantile, below the 0.999 threshold.
         assert sidecar["GrowQuantile"] == 0.99 and sidecar["GrowThreshold"] < sidecar["Threshold"]
         # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.

@@ -108,6 +108,8 @@ def test_participant_numbers_match_the_outputs(report_run: Path, tiny_model: Pat
         assert close(summary["total lesion volume (mm³)"], evaluation["lesion_volume_mm3"])
         assert close(summary["threshold (residual)"], sidecar["Threshold"])
         assert summary["threshold origin"].startswith(sidecar["ThresholdSource"])
+        assert summary["calibration"] == (f"{sidecar['CalibrationImages']} healthy held-out image(s): predicted "
+                                          f"healthy image false-positive rate {100 * sidecar['CalibrationImageFPR']:g} %")
         grown = summary["lesions grown to (residual)"]
         assert close(grown.split()[0], sidecar["GrowThreshold"]) and grown.endswith(f"quantile {sidecar['GrowQuantile']})")
         assert int(summary["denoising steps"]) == sidecar["Steps"] == 1
