@@ -60,7 +60,8 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
         if seg.calibration_rule == "images":
             lesion_free.append(lesion_free_threshold(result.residual, result.region, result.spacing_mm,
                                                      seg.min_lesion_mm3, seg.majority_smoothing))
-        log.info("calibrate: %s (%.1f s)", sample.name, result.seconds)
+        log.info("calibrate: %s (%.1f s)%s", sample.name, result.seconds,
+                 f", lesion-free from a threshold of {lesion_free[-1]:.4g}" if lesion_free else "")
         killpoints.reached("calibrate:image")
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile,
                             lesion_free=lesion_free if seg.calibration_rule == "images" else None,

@@ -24,7 +24,7 @@ def _residual(index: int) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize("rule, image_fpr", [("voxels", 0.1), ("images", None), ("images", 0.1)])
-def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_the_threshold(monkeypatch, rule,
+def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_the_threshold(monkeypatch, caplog, rule,
                                                                                           image_fpr) -> None:
     results = iter([_residual(0), _residual(1)])
     monkeypatch.setattr(stage, "native_residual", lambda *args, **kwargs: next(results))
@@ -34,7 +34,10 @@ def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_th
         base.segmentation, calibration_rule=rule, calibration_quantile=0.99, min_lesion_mm3=5.0,
         calibration_image_fpr=image_fpr))
     samples = [Sample(f"sub-0{i}_T2w", Path(f"/b/sub-0{i}_T2w.nii.gz"), {}) for i in (1, 2)]
-    calibration = stage.run_calibration(settings, SimpleNamespace(), samples, "cpu")
+    with caplog.at_level("INFO"):
+        calibration = stage.run_calibration(settings, SimpleNamespace(), samples, "cpu")
+    logged = caplog.text.count("lesion-free from a threshold of")
+    assert logged == (2 if rule == "images" else 0), "each image's lesion-free threshold is logged under rule images"
     assert calibration.rule == rule
     if rule == "voxels":
         assert calibration.threshold < 0.6  # the 0.99 quantile of 16000 voxels of which 27 are bright
