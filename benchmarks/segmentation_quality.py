@@ -28,8 +28,8 @@ Reported: median Dice over lesion images at that threshold, the oracle best Dice
 many healthy images the model never saw (neither trained nor calibrated on: the rest of BIDS_DIR's
 healthy participants and those of ``--extra-healthy``) get any false-positive lesion (after
 removing components below 5 mm3). Every method's lesions then grow to its own healthy
-``--grow-quantile`` (the app's hysteresis, default the app's 0.99; 0 turns it off), which leaves
-that false-positive count unchanged.
+``--grow-quantile`` (the app's hysteresis, default the app's; 0 turns it off) of its map filtered
+with ``--grow-median`` (the app's: unsmoothed), which leaves that false-positive count unchanged.
 """
 from __future__ import annotations
 
@@ -68,8 +68,7 @@ def scores_for(models, pre, region, args):
         cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                        pre.image, cf, shape, "cpu", features, editable)
         decodings = [c.decoded for c in cfs] if reference == "both" else None
-        return smooth(residual_map(pre.image, [c.image for c in cfs], args.polarity, decodings)[0], args.median,
-                      valid=pre.valid)
+        return residual_map(pre.image, [c.image for c in cfs], args.polarity, decodings)[0]
 
     features = None
     if models.adapter is not None and "cord" in pre.masks:
@@ -85,18 +84,26 @@ def scores_for(models, pre, region, args):
     return scores
 
 
-def on_native_grid(record, pre, region, scores):
-    """Region, score maps and ground truth on the image's own grid, as the app evaluates them: score
-    maps resampled as continuous maps, the region as a mask, the truth read from its file."""
+def thresholded_and_growth_maps(raw, pre, args):
+    """Each raw map median-filtered for detection (``--median``) and for growth (``--grow-median``)."""
+    return ({m: smooth(r, args.median, valid=pre.valid) for m, r in raw.items()},
+            {m: smooth(r, args.grow_median, valid=pre.valid) for m, r in raw.items()})
+
+
+def on_native_grid(record, pre, region, scores, growth):
+    """Region, score and growth maps and ground truth on the image's own grid, as the app evaluates
+    them: maps resampled as continuous maps, the region as a mask, the truth read from its file."""
     trace = pre.trace
     native_region = trace.inverse(region.astype(np.float32), "mask").astype(bool)
-    native = {method: np.where(native_region, trace.inverse(score, "probability"), 0.0).astype(np.float32)
-              for method, score in scores.items()}
+
+    def native(maps):
+        return {method: np.where(native_region, trace.inverse(np.where(region, score, 0.0), "probability"), 0.0)
+                .astype(np.float32) for method, score in maps.items()}
     truth = None
     if record.lesion_mask is not None:
         truth = np.asanyarray(nib.load(record.lesion_mask).dataobj) > 0
     spacing = tuple(float(z) for z in trace.source.zooms[:3])
-    return record, native_region, native, truth, spacing
+    return record, native_region, native(scores), truth, spacing, native(growth)
 
 
 def main() -> int:
@@ -115,7 +122,10 @@ def main() -> int:
                         help="more BIDS datasets whose healthy images measure the false-positive rate")
     parser.add_argument("--extra-lesion", type=Path, nargs="*", default=[],
                         help="more BIDS datasets whose lesion images count in the Dice (unseen phantoms)")
-    parser.add_argument("--median", type=int, default=3, help="median filter size (voxels)")
+    parser.add_argument("--median", type=int, default=SegmentationSettings().median_size,
+                        help="median filter size (voxels) of the thresholded map")
+    parser.add_argument("--grow-median", type=int, default=SegmentationSettings().grow_median_size,
+                        help="median filter size of the map lesions grow over (default: the app's)")
     parser.add_argument("--grow-quantile", type=float, default=SegmentationSettings().grow_quantile,
                         help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
     parser.add_argument("--rule", default=SegmentationSettings().calibration_rule, choices=["images", "voxels"],
@@ -152,10 +162,10 @@ def main() -> int:
             masks["lesion"] = record.lesion_mask
         pre = preprocess(record.image, models.plan, masks, cover=True)
         region, _ = analysis_region(pre.valid, pre.masks.get("cord"), spacing, args.margin, image=pre.image)
-        scores = scores_for(models, pre, region, args)
+        scores, growth = thresholded_and_growth_maps(scores_for(models, pre, region, args), pre, args)
         mean, std = pre.image[region].mean(), pre.image[region].std() + 1e-6
-        scores["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
-        prepared[str(record.image)] = on_native_grid(record, pre, region, scores)
+        scores["zscore"] = growth["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
+        prepared[str(record.image)] = on_native_grid(record, pre, region, scores, growth)
     results = {}
     methods = next(iter(prepared.values()))[2].keys()
     for method in methods:
@@ -163,13 +173,16 @@ def main() -> int:
         regions = [prepared[str(r.image)][1] for r in healthy]
         lesion_free = ([lesion_free_threshold(m, g, prepared[str(r.image)][4], 5.0)
                         for m, g, r in zip(maps, regions, healthy)] if args.rule == "images" else None)
-        calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free, image_fpr=args.image_fpr or None)
+        separate = args.grow_median != args.median and method != "zscore"
+        growth_maps = [prepared[str(r.image)][5][method] for r in healthy] if separate else None
+        calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free, image_fpr=args.image_fpr or None,
+                                grow_residuals=growth_maps)
         threshold = calibration.threshold
         grow = grow_threshold(calibration, args.grow_quantile or None)
         dices, oracles, aps, fp = [], [], [], []
-        for record, region, scores, truth, voxel_mm in prepared.values():
+        for record, region, scores, truth, voxel_mm, growth in prepared.values():
             mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, 5.0,
-                               grow_threshold=grow)
+                               grow_threshold=grow, grow_residual=growth[method] if separate else None)
             if truth is not None:
                 dices.append(dice(mask.astype(bool), truth))
                 oracles.append(best_dice_over_thresholds(scores[method], truth, region)["oracle_best_dice"])
@@ -185,7 +198,8 @@ def main() -> int:
               "region_strengths": args.region_strength, "noising": args.noising,
               "n_samples": args.n_samples, "polarity": args.polarity, "reference": args.reference,
               "rule": args.rule, "image_fpr": args.image_fpr,
-              "median_size": args.median, "edit_region": args.edit_region, "cord_margin_mm": args.margin,
+              "median_size": args.median, "grow_median_size": args.grow_median, "edit_region": args.edit_region,
+              "cord_margin_mm": args.margin,
               "n_lesion_images": len(lesioned), "n_healthy_validation_images": len(healthy),
               "n_unseen_healthy_images": len(unseen),
               "lesion_images": [Path(r.image).name for r in lesioned],

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="residual threshold for the lesion mask instead of the calibrated one")
     _flag(seg, "--grow-quantile", type=float, metavar="Q",
           help="grow each lesion found at the threshold over its connected voxels above this healthy quantile "
-               "(hysteresis; default 0.99); --no-grow turns it off")
+               "(hysteresis; default 0.995, of the unsmoothed residual); --no-grow turns it off")
     _flag(seg, "--no-grow", action="store_true", help="lesion masks are the voxels above the threshold only")
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
           help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")

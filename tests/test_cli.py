@@ -230,7 +230,7 @@ def test_segmentation_flags_reach_the_settings() -> None:
 def test_grow_flags_reach_the_settings() -> None:
     def seg(*flags: str):
         return cli.settings_from_args(cli.parse_args(["b", "o", "participant", *flags])).segmentation
-    assert seg().grow_quantile == 0.99
+    assert seg().grow_quantile == 0.995 and seg().grow_median_size == 1
     assert seg("--grow-quantile", "0.95").grow_quantile == 0.95
     assert seg("--no-grow").grow_quantile is None
     with pytest.raises(UsageError, match="exclude each other"):

@@ -26,7 +26,8 @@ def test_same_settings_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.mark.parametrize("change", [{"polarity": "both"}, {"edit_region": "all"}, {"strengths": (0.5,)},
                                     {"window_overlap": 0.25}, {"eta": 0.5}, {"noising": "region"},
-                                    {"patch_size": (1, 2, 2)}, {"patch_offsets": 1}, {"reference": "reconstruction"}])
+                                    {"patch_size": (1, 2, 2)}, {"patch_offsets": 1}, {"reference": "reconstruction"},
+                                    {"grow_median_size": 3}])
 def test_a_changed_residual_setting_warns(caplog: pytest.LogCaptureFixture, change: dict) -> None:
     with caplog.at_level(logging.WARNING):
         _warn_if_settings_differ(settings_with(**change), calibration_identity(settings_with(), "abc"))

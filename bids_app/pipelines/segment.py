@@ -43,6 +43,9 @@ class NativeResidual:
     seconds: float
     spacing_mm: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
     adapter_used: bool = False
+    #: The map lesions grow over (native grid, 0 outside the region): the residual median-filtered
+    #: with ``ResidualSettings.grow_median_size``; None when that is the thresholded map's own filter.
+    growth: np.ndarray | None = None
 
 
 def native_residual(
@@ -77,18 +80,25 @@ def native_residual(
     cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                    pre.image, cf_settings, models.plan.target_shape, device, features_for, editable)
     decodings = [c.decoded for c in cfs] if cf_settings.reference == "both" else None
-    residual, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity, decodings)
-    residual = smooth(residual, residual_settings.median_size, valid=pre.valid)
+    raw, spread = residual_map(pre.image, [c.image for c in cfs], residual_settings.polarity, decodings)
+    residual = smooth(raw, residual_settings.median_size, valid=pre.valid)
     if source != "cord":
         log.warning("%s: no cord mask: anomalies are searched in the whole body foreground", name)
     residual = restrict(residual, region)
     trace = pre.trace
     native_region = trace.inverse(region.astype(np.float32), "mask").astype(bool)
-    native = np.where(native_region, np.clip(trace.inverse(residual, "probability"), 0, None), 0.0)
+
+    def to_native(volume: np.ndarray) -> np.ndarray:
+        return np.where(native_region, np.clip(trace.inverse(volume, "probability"), 0, None), 0.0).astype(np.float32)
+
+    native = to_native(residual)
+    growth = None
+    if residual_settings.grow_median_size != residual_settings.median_size:
+        growth = to_native(restrict(smooth(raw, residual_settings.grow_median_size, valid=pre.valid), region))
     uncertainty = np.where(native_region, np.clip(trace.inverse(spread, "probability"), 0, None), 0.0)
     zooms = tuple(float(z) for z in trace.source.zooms[:3])
-    return NativeResidual(pre, tuple(cfs), native.astype(np.float32), native_region, uncertainty.astype(np.float32),
-                          source, time.monotonic() - started, zooms, bool(used) and all(used))
+    return NativeResidual(pre, tuple(cfs), native, native_region, uncertainty.astype(np.float32),
+                          source, time.monotonic() - started, zooms, bool(used) and all(used), growth)
 
 
 def adapter_for(models: Any, seg: Any) -> Callable[[Preprocessed, tuple[slice, ...]], list | None] | None:
@@ -152,7 +162,8 @@ def resolve_polarity(polarity: str, image: Path | str) -> str:
 
 def residual_settings(seg: Any, image: Path | str) -> ResidualSettings:
     """The post-processing settings for one image (``polarity: auto`` resolved by its suffix)."""
-    return ResidualSettings(median_size=seg.median_size, cord_margin_mm=seg.cord_margin_mm,
+    return ResidualSettings(median_size=seg.median_size, grow_median_size=seg.grow_median_size,
+                            cord_margin_mm=seg.cord_margin_mm,
                             min_lesion_mm3=seg.min_lesion_mm3, majority_smoothing=seg.majority_smoothing,
                             polarity=resolve_polarity(seg.polarity, image))
 
@@ -161,6 +172,7 @@ def describe_settings(cf: CounterfactualSettings, residual: ResidualSettings) ->
     return {
         "Strengths": list(cf.strengths), "Samples": cf.n_samples, "Steps": cf.steps, "Sampler": cf.sampler,
         "Eta": cf.eta, "Seed": cf.seed, "MedianFilterSize": residual.median_size,
+        "GrowMedianFilterSize": residual.grow_median_size,
         "CordMarginMM": residual.cord_margin_mm, "MinLesionVolumeMM3": residual.min_lesion_mm3,
         "ResidualPolarity": residual.polarity, "ResidualReference": cf.reference, "WindowOverlap": cf.window_overlap,
         "EditRegion": cf.edit_region, "Noising": cf.noising,

@@ -76,6 +76,9 @@ class Calibration:
     #: Rule ``images``: the healthy image false-positive rate the threshold was set for (None: the
     #: highest lesion-free threshold of the calibration images, i.e. none of them has a lesion).
     image_fpr: float | None = None
+    #: Sorted healthy values of the map lesions grow over (the unsmoothed residual), when it is not
+    #: the thresholded one; None: growth reads ``reference``.
+    grow_reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -93,6 +96,12 @@ class Calibration:
             raise ValueError("calibration reference must be sorted ascending")
         ref.setflags(write=False)
         object.__setattr__(self, "reference", ref)
+        if self.grow_reference is not None:
+            grow = np.array(self.grow_reference, dtype=np.float32).reshape(-1)
+            if grow.size == 0 or not np.all(np.isfinite(grow)) or np.any(grow[1:] < grow[:-1]):
+                raise ValueError("grow_reference must be non-empty, finite and sorted ascending")
+            grow.setflags(write=False)
+            object.__setattr__(self, "grow_reference", grow)
         if not np.isfinite(self.threshold):
             raise ValueError(f"threshold must be finite, got {self.threshold!r}")
         if not 0.0 <= self.quantile <= 1.0:
@@ -106,7 +115,6 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (module doc); the reference is compressed, see there."""
-        payload = zlib.compress(self.reference.astype(_DTYPE).tobytes(), level=9)
         return {
             "format_version": FORMAT_VERSION,
             "threshold": self.threshold,
@@ -116,8 +124,8 @@ class Calibration:
             "source": self.source,
             "rule": self.rule,
             **({"image_fpr": self.image_fpr} if self.image_fpr is not None else {}),
-            "reference": {"encoding": _ENCODING, "dtype": _DTYPE, "count": int(self.reference.size),
-                          "data": base64.b64encode(payload).decode("ascii")},
+            "reference": _encode_reference(self.reference),
+            **({"grow_reference": _encode_reference(self.grow_reference)} if self.grow_reference is not None else {}),
         }
 
     @classmethod
@@ -132,7 +140,9 @@ class Calibration:
                        reference=_decode_reference(data["reference"]),
                        n_voxels=int(data["n_voxels"]), n_images=int(data["n_images"]),
                        source=str(data.get("source", "calibrated")), rule=str(data.get("rule", "voxels")),
-                       image_fpr=None if data.get("image_fpr") is None else float(data["image_fpr"]))
+                       image_fpr=None if data.get("image_fpr") is None else float(data["image_fpr"]),
+                       grow_reference=(None if data.get("grow_reference") is None
+                                       else _decode_reference(data["grow_reference"])))
         except KeyError as exc:
             raise ValueError(f"calibration lacks the field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:
@@ -159,6 +169,12 @@ class Calibration:
             return cls.from_dict(data)
         except ValueError as exc:
             raise BadDataError(f"invalid calibration {path}: {exc}") from exc
+
+
+def _encode_reference(values: np.ndarray) -> dict[str, Any]:
+    payload = zlib.compress(values.astype(_DTYPE).tobytes(), level=9)
+    return {"encoding": _ENCODING, "dtype": _DTYPE, "count": int(values.size),
+            "data": base64.b64encode(payload).decode("ascii")}
 
 
 def _decode_reference(obj: Any) -> np.ndarray:
@@ -230,6 +246,7 @@ def calibrate(
     max_reference: int = MAX_REFERENCE,
     lesion_free: Sequence[float] | None = None,
     image_fpr: float | None = None,
+    grow_residuals: Sequence[np.ndarray] | None = None,
 ) -> Calibration:
     """Threshold = ``quantile`` of the pooled in-region residuals of held-out healthy images.
 
@@ -240,6 +257,9 @@ def calibrate(
     images: measured, it left false-positive lesions in most unseen healthy images
     (docs/benchmarks.md). ``quantile`` then records where the threshold sits in the healthy
     distribution.
+
+    ``grow_residuals``: per image, the map lesions grow over when it is not the thresholded one
+    (the unsmoothed residual); its in-region values are kept as ``grow_reference``.
 
     Pooling voxels (not per-image thresholds) weights images by their region size, which is
     what the voxel-wise false-positive bound in the module doc needs. ``np.quantile``'s default
@@ -284,10 +304,18 @@ def calibrate(
                        tail, quantile)
     logger.info("calibrated threshold %.4g at quantile %.4g from %d voxels of %d healthy image(s)",
                 threshold, quantile, pool.size, len(parts))
+    grow_reference = None
+    if grow_residuals is not None:
+        if len(grow_residuals) != len(parts):
+            raise ValueError(f"{len(grow_residuals)} growth maps for {len(parts)} images")
+        grow_pool = np.concatenate([np.asarray(g)[np.asarray(reg, dtype=bool)] for g, reg in zip(grow_residuals, regions)])
+        if not np.all(np.isfinite(grow_pool)):
+            raise ValueError("calibration growth maps have non-finite values")
+        grow_reference = subsample_sorted(grow_pool, max_reference)
     return Calibration(threshold=threshold, quantile=float(quantile),
                        reference=subsample_sorted(pool, max_reference), n_voxels=int(pool.size),
                        n_images=len(parts), source="calibrated", rule=rule,
-                       image_fpr=image_fpr if rule == "images" else None)
+                       image_fpr=image_fpr if rule == "images" else None, grow_reference=grow_reference)
 
 
 def healthy_cdf(values: np.ndarray | float, calibration: Calibration) -> np.ndarray:
@@ -333,11 +361,15 @@ def with_threshold(calibration: Calibration, threshold: float) -> Calibration:
 
 def grow_threshold(calibration: Calibration, quantile: float | None) -> float | None:
     """The lower threshold lesions grow to (:func:`~bids_app.segmentation.lesions.grow_lesions`):
-    the healthy reference's ``quantile``, or None (no growth) when ``quantile`` is None or the
-    value is not below the threshold (e.g. a user threshold lower than it)."""
+    the ``quantile`` of the healthy values of the map they grow over (``grow_reference`` when the
+    calibration has one, else the thresholded map's ``reference``), or None (no growth) when
+    ``quantile`` is None or, on the thresholded map itself, the value is not below the threshold
+    (e.g. a user threshold lower than it)."""
     if quantile is None:
         return None
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"grow quantile must be in (0, 1), got {quantile!r}")
+    if calibration.grow_reference is not None:
+        return float(np.quantile(calibration.grow_reference.astype(np.float64), quantile))
     value = float(np.quantile(calibration.reference.astype(np.float64), quantile))
     return value if value < calibration.threshold else None

@@ -109,10 +109,15 @@ def lesion_mask(
     min_lesion_mm3: float,
     majority_smoothing: bool = False,
     grow_threshold: float | None = None,
+    grow_residual: np.ndarray | None = None,
 ) -> np.ndarray:
     """Binary (uint8) lesion mask: ``residual > threshold`` in ``region``, then clean-up, then
     (with ``grow_threshold`` below the threshold) each lesion grown over its connected voxels
     above ``grow_threshold`` (:func:`grow_lesions`; the module doc says why).
+
+    ``grow_residual``: the map lesions grow over, when it is not ``residual`` (the app's is the
+    unsmoothed residual: the median filter that keeps healthy specks from becoming lesions also
+    rounds off a lesion's edges); ``grow_threshold`` is then on its scale and always applies.
 
     Optional majority smoothing (:func:`majority_smooth`) runs before the size filter, so that
     filled holes count towards a lesion's volume and removed specks do not. Growth comes after
@@ -128,7 +133,13 @@ def lesion_mask(
     if majority_smoothing:
         mask = majority_smooth(mask, region)
     mask = remove_small_components(mask, spacing_mm, min_lesion_mm3)
-    if grow_threshold is not None and grow_threshold < threshold and mask.any():
+    if grow_residual is not None:
+        grow_residual = np.asarray(grow_residual)
+        if grow_residual.shape != residual.shape:
+            raise ValueError(f"grow_residual has shape {grow_residual.shape}, residual has {residual.shape}")
+        if grow_threshold is not None and mask.any():
+            mask = grow_lesions(mask, grow_residual, region, grow_threshold)
+    elif grow_threshold is not None and grow_threshold < threshold and mask.any():
         mask = grow_lesions(mask, residual, region, grow_threshold)
     return mask.astype(np.uint8)
 

@@ -44,6 +44,7 @@ class ResidualSettings:
     """Post-processing of the anomaly map; saved with the calibration so both always match.
 
     ``median_size``: edge of the cubic 3D median filter in voxels (1 = off).
+    ``grow_median_size``: the same for the map lesions grow over (hysteresis); 1: unsmoothed.
     ``cord_margin_mm``: the cord mask is dilated by this distance (mm) so that lesions at the
     cord edge, and small cord-mask errors, stay inside the analysis region.
     ``foreground_threshold``: normalised intensity above which a voxel is body foreground, used
@@ -55,6 +56,7 @@ class ResidualSettings:
     """
 
     median_size: int = 3
+    grow_median_size: int = 1
     cord_margin_mm: float = 2.0
     foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD
     min_lesion_mm3: float = 5.0
@@ -64,17 +66,19 @@ class ResidualSettings:
     def __post_init__(self) -> None:
         if self.polarity not in POLARITIES:
             raise UsageError(f"polarity must be one of {', '.join(POLARITIES)}, got {self.polarity!r}")
-        if isinstance(self.median_size, bool) or int(self.median_size) != self.median_size:
-            raise UsageError(f"median_size must be an integer, got {self.median_size!r}")
-        if self.median_size < 1:
-            raise UsageError(f"median_size must be at least 1 (1 = off), got {self.median_size}")
+        for name in ("median_size", "grow_median_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value:
+                raise UsageError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1 (1 = off), got {value}")
+            object.__setattr__(self, name, int(value))
         for name in ("cord_margin_mm", "min_lesion_mm3"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
         if not np.isfinite(self.foreground_threshold):
             raise UsageError(f"foreground_threshold must be finite, got {self.foreground_threshold!r}")
-        object.__setattr__(self, "median_size", int(self.median_size))
         object.__setattr__(self, "majority_smoothing", bool(self.majority_smoothing))
 
     def to_dict(self) -> dict[str, Any]:

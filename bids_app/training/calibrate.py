@@ -30,7 +30,7 @@ def segmentation_identity(seg: Any) -> dict[str, Any]:
     return {
         "use_adapter": seg.use_adapter, "adapter_scale": seg.adapter_scale, "strengths": list(seg.strengths),
         "n_samples": seg.n_samples, "steps": seg.steps, "sampler": seg.sampler, "eta": seg.eta,
-        "median_size": seg.median_size, "polarity": seg.polarity, "reference": seg.reference,
+        "median_size": seg.median_size, "grow_median_size": seg.grow_median_size, "polarity": seg.polarity, "reference": seg.reference,
         "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm,
         "noising": seg.noising, "patch_size": list(seg.patch_size), "patch_period": seg.patch_period,
         "patch_offsets": seg.patch_offsets,
@@ -50,13 +50,15 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
     """Threshold from the residuals of healthy images the models never saw."""
     seg = settings.segmentation
     cf = counterfactual_settings(seg, settings.compute.seed)
-    residuals, regions, lesion_free = [], [], []
+    residuals, regions, lesion_free, growth = [], [], [], []
     for sample in samples:
         rs = residual_settings(seg, sample.image)
         result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
                                  adapter_for(models, seg), sample.masks.get("control"))
         residuals.append(result.residual)
         regions.append(result.region)
+        if result.growth is not None:
+            growth.append(result.growth)
         if seg.calibration_rule == "images":
             lesion_free.append(lesion_free_threshold(result.residual, result.region, result.spacing_mm,
                                                      seg.min_lesion_mm3, seg.majority_smoothing))
@@ -65,7 +67,8 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
         killpoints.reached("calibrate:image")
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile,
                             lesion_free=lesion_free if seg.calibration_rule == "images" else None,
-                            image_fpr=seg.calibration_image_fpr)
+                            image_fpr=seg.calibration_image_fpr,
+                            grow_residuals=growth if len(growth) == len(residuals) and growth else None)
     return calibration
 
 

@@ -54,8 +54,9 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         # The image-level rule: the threshold predicts a 10 % healthy image false-positive rate.
         assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.1
         assert sidecar["CalibrationImages"] >= 1
-        # Hysteresis: lesions grow to the healthy 0.99 quantile, below the 0.999 threshold.
-        assert sidecar["GrowQuantile"] == 0.99 and sidecar["GrowThreshold"] < sidecar["Threshold"]
+        # Hysteresis: lesions grow over the unsmoothed residual to its healthy 0.995 quantile.
+        assert sidecar["GrowQuantile"] == 0.995 and sidecar["GrowMedianFilterSize"] == 1
+        assert sidecar["GrowThreshold"] > 0 and sidecar["MedianFilterSize"] == 3
         # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
         assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
         assert sidecar["ResidualReference"] == "both" and sidecar["WindowOverlap"] == 0.5

@@ -214,3 +214,17 @@ def test_the_images_rule_at_a_false_positive_rate_records_it() -> None:
     assert calibrate(residuals, regions, quantile=0.99, image_fpr=0.1).image_fpr is None  # rule voxels
     with pytest.raises(ValueError, match="image_fpr"):
         Calibration.from_dict({**cal.to_dict(), "image_fpr": 2.0})
+
+
+def test_the_growth_map_has_its_own_healthy_reference() -> None:
+    residuals, regions = healthy_set()
+    sharp = [r * 3.0 for r in residuals]  # a rougher map on another scale
+    cal = calibrate(residuals, regions, quantile=0.99, grow_residuals=sharp)
+    pooled = np.concatenate([s[m] for s, m in zip(sharp, regions)])
+    assert grow_threshold(cal, 0.995) == pytest.approx(np.quantile(pooled, 0.995), rel=1e-3)
+    assert grow_threshold(cal, 0.995) > cal.threshold, "on its own scale, not bounded by the threshold"
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    np.testing.assert_array_equal(back.grow_reference, cal.grow_reference)
+    assert "grow_reference" not in calibrate(residuals, regions, quantile=0.99).to_dict()
+    with pytest.raises(ValueError, match="growth maps"):
+        calibrate(residuals, regions, grow_residuals=sharp[:1])

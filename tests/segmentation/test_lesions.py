@@ -169,3 +169,20 @@ def test_growth_never_creates_a_lesion() -> None:
     assert not lesion_mask(res, region, 0.5, (1, 1, 1), 5.0).any()
     assert not lesion_mask(res, region, 0.5, (1, 1, 1), 5.0, grow_threshold=0.3).any()
     assert lesion_free_threshold(res, region, (1, 1, 1), 5.0) == pytest.approx(0.4)
+
+
+def test_growth_over_another_map_extends_the_lesions_found_on_the_thresholded_one() -> None:
+    """Found on the smoothed map, grown over the sharp one: its threshold is on the sharp map's scale
+    (here above the detection threshold) and it still never creates a lesion."""
+    smoothed = np.zeros((16, 16, 16), np.float32)
+    smoothed[4:7, 4:7, 4:7] = 0.5  # the core, found at 0.4
+    sharp = np.zeros_like(smoothed)
+    sharp[3:8, 3:8, 3:9] = 0.9  # the lesion's true, larger extent on the unsmoothed map
+    sharp[11:14, 11:14, 11:14] = 0.9  # a sharp speck the smoothed map did not find
+    region = np.ones(smoothed.shape, bool)
+    grown = lesion_mask(smoothed, region, 0.4, (1, 1, 1), 5.0, grow_threshold=0.6, grow_residual=sharp)
+    assert grown.sum() == 5 * 5 * 6 and grown[3:8, 3:8, 3:9].all()
+    assert not grown[11:14, 11:14, 11:14].any(), "growth creates no lesion"
+    assert lesion_mask(smoothed, region, 0.4, (1, 1, 1), 5.0, grow_residual=sharp).sum() == 27, "no threshold, no growth"
+    with pytest.raises(ValueError, match="grow_residual"):
+        lesion_mask(smoothed, region, 0.4, (1, 1, 1), 5.0, grow_threshold=0.6, grow_residual=sharp[:8])

@@ -143,6 +143,9 @@ def test_settings_round_trip_and_validation() -> None:
         ResidualSettings.from_dict({"median": 3})
     with pytest.raises(UsageError):
         ResidualSettings(median_size=0)
+    with pytest.raises(UsageError, match="grow_median_size"):
+        ResidualSettings(grow_median_size=0)
+    assert ResidualSettings().grow_median_size == 1 and ResidualSettings(grow_median_size=3.0).grow_median_size == 3
     with pytest.raises(UsageError):
         ResidualSettings(cord_margin_mm=-1.0)
 

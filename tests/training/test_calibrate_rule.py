@@ -20,7 +20,7 @@ def _residual(index: int) -> SimpleNamespace:
     if index == 1:
         residual[5:8, 5:8, 5:8] = 0.6
     return SimpleNamespace(residual=residual, region=np.ones(residual.shape, bool), spacing_mm=(1.0, 1.0, 1.0),
-                           seconds=0.0)
+                           seconds=0.0, growth=None)
 
 
 @pytest.mark.parametrize("rule, image_fpr", [("voxels", 0.1), ("images", None), ("images", 0.1)])
@@ -47,3 +47,19 @@ def test_the_rule_decides_whether_the_blob_of_a_calibration_image_stays_below_th
     else:  # two images, lesion-free at ~0.1 and 0.6: the t bound (1 degree of freedom) lies far above both
         assert calibration.threshold > 1.0 and calibration.image_fpr == 0.1
 
+
+
+def test_the_growth_maps_of_the_calibration_images_give_the_grow_reference(monkeypatch) -> None:
+    def with_growth(index: int) -> SimpleNamespace:
+        result = _residual(index)
+        result.growth = result.residual * 2.0
+        return result
+
+    results = iter([with_growth(0), with_growth(1)])
+    monkeypatch.setattr(stage, "native_residual", lambda *args, **kwargs: next(results))
+    monkeypatch.setattr(stage, "adapter_for", lambda *args: None)
+    settings = build_settings({"bids_dir": "/b", "output_dir": "/o", "analysis_level": "group"})
+    samples = [Sample(f"sub-0{i}_T2w", Path(f"/b/sub-0{i}_T2w.nii.gz"), {}) for i in (1, 2)]
+    calibration = stage.run_calibration(settings, SimpleNamespace(), samples, "cpu")
+    assert calibration.grow_reference is not None
+    assert calibration.grow_reference.max() == pytest.approx(2 * calibration.reference.max())
