@@ -233,7 +233,7 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     assert (out / "sub-15" / "anat" / "sub-15_label-lesion_mask.nii.gz").is_file()  # the lesion ones follow the 14 healthy
     split = json.loads((models / "split.json").read_text())
     assert (len(split["train"]), len(split["validation"])) == (6, 8)  # 8 held out for the image-level calibration
-    assert json.loads((models / "calibration.json").read_text())["n_images"] == 8
+    assert json.loads((models / "calibration.json").read_text())["summary"]["n_images"] == 8
     caplog.clear()
     assert run_cli("--demo", tmp_path / "demo", "--config", config) == 0, "a second demo run reuses the dataset and the models"
     assert "vqgan: already trained" in caplog.text and "diffusion: already trained" in caplog.text
