@@ -68,7 +68,7 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
     calibration = calibrate(residuals, regions, quantile=seg.calibration_quantile,
                             lesion_free=lesion_free if seg.calibration_rule == "images" else None,
                             image_fpr=seg.calibration_image_fpr,
-                            grow_residuals=growth if len(growth) == len(residuals) and growth else None)
+                            grow_residuals=growth or None)  # every image has one, or none does
     return calibration
 
 
