@@ -141,7 +141,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
     grow = grow_threshold(calibration, seg.grow_quantile)
     mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
                        seg.min_lesion_mm3, seg.majority_smoothing, grow,
-                       result.growth if calibration.grow_reference is not None else None)
+                       result.growth if calibration.grow_reference is not None else None,
+                       detection_region=result.detection_region)
     extra = {
         **describe_settings(cf, rs),
         "Threshold": calibration.threshold,

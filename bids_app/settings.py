@@ -105,6 +105,12 @@ class VQGANStageSettings(StageSettings):
     crop_shape: tuple[int, ...] | None = None
     perceptual_weights: Path | None = None  # a local TorchScript feature extractor (never downloaded)
     perceptual_weight: float = 0.1
+    #: Extra weight of the reconstruction loss on the cord and the voxel layer around it (0: plain L1
+    #: over the field of view); needs cord masks, ignored for a batch without them.
+    cord_weight: float = 0.0
+    #: "constant", or "cosine": the generator's learning rate decayed from learning_rate to 0 over
+    #: max_steps (the discriminator's stays constant), so the last step is not a noisy draw.
+    lr_schedule: str = "constant"
     #: Recompute the autoencoder's blocks in the backward instead of keeping their activations: 13% more
     #: FLOPs (only what each backward needs is recomputed), a third of the memory (docs/benchmarks.md: a
     #: 32x128x128 step of the default model peaks at 2.4 GB instead of 7.8 GB). Off: faster where memory is plentiful.
@@ -162,6 +168,11 @@ class SegmentationSettings:
     patch_period: int = 3  # patches of one chain lie this many patches apart
     patch_offsets: int = 2  # shifted patch grids averaged
     cord_margin_mm: float = 0.0  # measured: bright CSF next to the cord dominates a dilated region
+    # Lesions are found only deeper than this below the cord's surface (and the field of view's ends),
+    # then grow over the whole cord (segmentation.residuals.detection_region). Measured on the
+    # demo-budget model (docs/benchmarks.md, "Residual on the native grid"): every healthy image's
+    # largest residual lay in the outermost voxel layer; median Dice 0.68 -> 0.76 at 1 mm.
+    detection_inset_mm: float = 1.0
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
     calibration_quantile: float = 0.999
@@ -353,11 +364,15 @@ def _check(settings: RunSettings) -> None:
         if config.batch_size < 1 or config.accumulation_steps < 1 or config.batch_size % config.accumulation_steps:
             raise UsageError(f"training.{stage}: batch_size ({config.batch_size}) must be a positive multiple of "
                              f"accumulation_steps ({config.accumulation_steps})")
-    diffusion = settings.training.diffusion
+    vqgan, diffusion = settings.training.vqgan, settings.training.diffusion
     if not 0 <= diffusion.patch_fraction <= 1:
         raise UsageError(f"training.diffusion.patch_fraction must be in [0, 1], got {diffusion.patch_fraction}")
     if diffusion.augmentation not in ("full", "flip"):
         raise UsageError(f"training.diffusion.augmentation must be full or flip, got {diffusion.augmentation!r}")
+    if vqgan.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"training.vqgan.lr_schedule must be constant or cosine, got {vqgan.lr_schedule!r}")
+    if vqgan.cord_weight < 0:
+        raise UsageError(f"training.vqgan.cord_weight must be >= 0, got {vqgan.cord_weight!r}")
     if diffusion.lr_schedule not in ("constant", "cosine"):
         raise UsageError(f"training.diffusion.lr_schedule must be constant or cosine, got {diffusion.lr_schedule!r}")
     if diffusion.latent_pool_epochs < 0:
@@ -402,6 +417,8 @@ def _check(settings: RunSettings) -> None:
         raise UsageError(f"segmentation.grow_median_size must be an integer >= 1, got {seg.grow_median_size!r}")
     if seg.grow_quantile is not None and not 0 < seg.grow_quantile < 1:
         raise UsageError(f"segmentation.grow_quantile must be in (0, 1) or null, got {seg.grow_quantile}")
+    if not (isinstance(seg.detection_inset_mm, (int, float)) and 0 <= seg.detection_inset_mm < float("inf")):
+        raise UsageError(f"segmentation.detection_inset_mm must be a finite number >= 0, got {seg.detection_inset_mm!r}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
 

@@ -79,6 +79,8 @@ def test_activation_checkpointing_only_where_memory_is_the_limit() -> None:
     ("training", {"diffusion": {"patch_fraction": 1.5}}, "patch_fraction"),
     ("training", {"diffusion": {"patch_max_size": [2, 0, 2]}}, "patch_max_size"),
     ("training", {"diffusion": {"lr_schedule": "step"}}, "lr_schedule"),
+    ("training", {"vqgan": {"lr_schedule": "step"}}, "vqgan.lr_schedule"),
+    ("training", {"vqgan": {"cord_weight": -1}}, "cord_weight"),
     ("training", {"diffusion": {"latent_pool_epochs": -1}}, "latent_pool_epochs"),
     ("segmentation", {"patch_size": [2, 2]}, "patch_size"),
     ("segmentation", {"patch_period": 0}, "patch_period"),

@@ -241,11 +241,18 @@ class Normalize:
 
     def forward(self, vol: Volume) -> tuple[Volume, OpRecord]:
         low, high, flat = intensity_range(vol.image[vol.valid], self.percentiles)
-        image = np.clip(2.0 * (vol.image.astype(np.float64) - low) / (high - low) - 1.0, -1.0, 1.0)
+        image = self.scale(vol.image, {"low": low, "high": high})
         image[~vol.valid] = BACKGROUND
         out = Volume(image=image.astype(np.float32), masks=vol.masks, affine=vol.affine, valid=vol.valid)
         return out, OpRecord(self.name, {"low": low, "high": high, "flat": flat,
                                          "percentiles": [float(p) for p in self.percentiles]})
+
+    @staticmethod
+    def scale(array: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """The recorded intensity mapping applied to any array (float64): also the source image on
+        its own grid, so that residuals can be taken there (``native_intensities``)."""
+        low, high = float(params["low"]), float(params["high"])
+        return np.clip(2.0 * (np.asarray(array, dtype=np.float64) - low) / (high - low) - 1.0, -1.0, 1.0)
 
     @staticmethod
     def inverse(array: np.ndarray, params: Mapping[str, Any], kind: str) -> np.ndarray:

@@ -41,6 +41,9 @@ class Preprocessed:
     valid: np.ndarray
     trace: Trace
     affine: np.ndarray
+    #: The source image on its own grid in model intensity units (the plan's normalisation, no
+    #: resampling): residuals are taken against it, at the image's own resolution.
+    native: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +294,18 @@ def preprocess(image_path: Path, plan: PreprocessingPlan,
     _report(trace, image_path)
     logger.debug("%s: preprocessed to %s (records: %s)", image_path, vol.image.shape,
                  [r.op for r in trace.records])
-    return Preprocessed(image=vol.image, masks=vol.masks, valid=vol.valid, trace=trace, affine=vol.affine)
+    return Preprocessed(image=vol.image, masks=vol.masks, valid=vol.valid, trace=trace, affine=vol.affine,
+                        native=native_intensities(data, trace))
+
+
+def native_intensities(data: np.ndarray, trace: Trace) -> np.ndarray:
+    """The source voxels (as loaded, non-finite values repaired) through the trace's intensity ops
+    only: what the model-space image is, on the source grid (float32)."""
+    out = np.asarray(data, dtype=np.float64)
+    for record in trace.records:
+        if record.op == Normalize.name:
+            out = Normalize.scale(out, record.params)
+    return out.astype(np.float32)
 
 
 def to_native(array: np.ndarray, trace: Trace, kind: str) -> nib.Nifti1Image:

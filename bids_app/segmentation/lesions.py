@@ -110,6 +110,7 @@ def lesion_mask(
     majority_smoothing: bool = False,
     grow_threshold: float | None = None,
     grow_residual: np.ndarray | None = None,
+    detection_region: np.ndarray | None = None,
 ) -> np.ndarray:
     """Binary (uint8) lesion mask: ``residual > threshold`` in ``region``, then clean-up, then
     (with ``grow_threshold`` below the threshold) each lesion grown over its connected voxels
@@ -118,6 +119,9 @@ def lesion_mask(
     ``grow_residual``: the map lesions grow over, when it is not ``residual`` (the app's is the
     unsmoothed residual: the median filter that keeps healthy specks from becoming lesions also
     rounds off a lesion's edges); ``grow_threshold`` is then on its scale and always applies.
+
+    ``detection_region`` (a part of ``region``; default all of it): where the threshold finds
+    lesions (:func:`~bids_app.segmentation.residuals.detection_region`); they grow within ``region``.
 
     Optional majority smoothing (:func:`majority_smooth`) runs before the size filter, so that
     filled holes count towards a lesion's volume and removed specks do not. Growth comes after
@@ -129,7 +133,13 @@ def lesion_mask(
     if region.shape != residual.shape:
         raise ValueError(f"region has shape {region.shape}, residual has {residual.shape}")
     check_spacing(spacing_mm, residual.ndim)
-    mask = (residual > threshold) & region
+    seeds_in = region
+    if detection_region is not None:
+        seeds_in = np.asarray(detection_region, dtype=bool)
+        if seeds_in.shape != residual.shape:
+            raise ValueError(f"detection_region has shape {seeds_in.shape}, residual has {residual.shape}")
+        seeds_in = seeds_in & region
+    mask = (residual > threshold) & seeds_in
     if majority_smoothing:
         mask = majority_smooth(mask, region)
     mask = remove_small_components(mask, spacing_mm, min_lesion_mm3)

@@ -53,6 +53,8 @@ class ResidualSettings:
     ``majority_smoothing``: one pass of 6-neighbour majority smoothing of the binary mask (see
     :func:`bids_app.segmentation.lesions.majority_smooth`).
     ``polarity``: which residuals count (:func:`signed_residual`).
+    ``detection_inset_mm``: lesions are found (thresholded) only deeper than this inside the
+    region (:func:`detection_region`), then grow over the whole region.
     """
 
     median_size: int = 3
@@ -62,6 +64,7 @@ class ResidualSettings:
     min_lesion_mm3: float = 5.0
     majority_smoothing: bool = False
     polarity: str = "both"
+    detection_inset_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.polarity not in POLARITIES:
@@ -73,7 +76,7 @@ class ResidualSettings:
             if value < 1:
                 raise UsageError(f"{name} must be at least 1 (1 = off), got {value}")
             object.__setattr__(self, name, int(value))
-        for name in ("cord_margin_mm", "min_lesion_mm3"):
+        for name in ("cord_margin_mm", "min_lesion_mm3", "detection_inset_mm"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -264,6 +267,33 @@ def analysis_region(
     if not region.any():
         logger.warning("the analysis region is empty: no voxel above %.3g", foreground_threshold)
     return region, "foreground"
+
+
+def detection_region(region: np.ndarray, spacing_mm: Sequence[float], inset_mm: float) -> np.ndarray:
+    """The voxels of ``region`` deeper than ``inset_mm`` below its surface, where lesions may be found.
+
+    The healthy residual is highest in the outermost voxel layer of the cord, half cord and half
+    CSF, and at the ends of the field of view (the array border counts as surface): measured on
+    the demo-budget model, every healthy image's largest residual lay at a depth of one voxel,
+    most lesions' at two or more (docs/benchmarks.md, "Residual on the native grid"). A lesion
+    that reaches the surface is still found by its deeper voxels and grows back into the layer.
+    Depth is the Euclidean distance in mm to the nearest voxel outside (1e-6 mm tolerance, so a
+    1 mm inset drops the first layer of a 1 mm grid). When the inset would leave nothing (a
+    region thinner than twice it), the whole region is returned.
+    """
+    region = np.asarray(region, dtype=bool)
+    spacing = check_spacing(spacing_mm, region.ndim)
+    if not np.isfinite(inset_mm) or inset_mm < 0:
+        raise ValueError(f"inset_mm must be a finite number >= 0, got {inset_mm!r}")
+    if inset_mm == 0 or not region.any():
+        return region.copy()
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[(slice(1, -1),) * region.ndim]
+    inner = region & (depth > inset_mm + 1e-6)
+    if not inner.any():
+        logger.warning("the analysis region is nowhere deeper than %.3g mm: lesions are searched in all of it",
+                       inset_mm)
+        return region.copy()
+    return inner
 
 
 def restrict(residual: np.ndarray, region: np.ndarray) -> np.ndarray:

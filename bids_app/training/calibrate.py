@@ -33,7 +33,8 @@ def segmentation_identity(seg: Any) -> dict[str, Any]:
         "median_size": seg.median_size, "grow_median_size": seg.grow_median_size, "polarity": seg.polarity, "reference": seg.reference,
         "window_overlap": seg.window_overlap, "edit_region": seg.edit_region, "cord_margin_mm": seg.cord_margin_mm,
         "noising": seg.noising, "patch_size": list(seg.patch_size), "patch_period": seg.patch_period,
-        "patch_offsets": seg.patch_offsets,
+        "patch_offsets": seg.patch_offsets, "detection_inset_mm": seg.detection_inset_mm,
+        "residual_grid": "native",  # residuals taken on the image's own grid since session 7
     }
 
 
@@ -56,11 +57,11 @@ def run_calibration(settings: RunSettings, models: TrainedModels, samples: Seque
         result = native_residual(sample.image, sample.masks.get("cord"), sample.name, models, cf, rs, device,
                                  adapter_for(models, seg), sample.masks.get("control"))
         residuals.append(result.residual)
-        regions.append(result.region)
+        regions.append(result.detection_region)  # the voxels where a healthy image could get a lesion
         if result.growth is not None:
             growth.append(result.growth)
         if seg.calibration_rule == "images":
-            lesion_free.append(lesion_free_threshold(result.residual, result.region, result.spacing_mm,
+            lesion_free.append(lesion_free_threshold(result.residual, result.detection_region, result.spacing_mm,
                                                      seg.min_lesion_mm3, seg.majority_smoothing))
         log.info("calibrate: %s (%.1f s)%s", sample.name, result.seconds,
                  f", lesion-free from a threshold of {lesion_free[-1]:.4g}" if lesion_free else "")

@@ -310,3 +310,19 @@ def test_a_few_nans_are_an_error_unless_allowed_then_replaced(phantoms: Syntheti
     assert pre.trace.nonfinite_replaced == 3
     assert np.all(np.isfinite(pre.image))
     assert np.all(np.isfinite(np.asarray(to_native(pre.image, pre.trace, "image").dataobj)))
+
+
+def test_native_intensities_are_the_source_grid_in_model_units(phantoms: SyntheticDataset) -> None:
+    """``Preprocessed.native``: the source voxels, not resampled, through the recorded normalisation."""
+    path = phantoms.images[0]
+    pre = preprocess(path, PreprocessingPlan(**RESAMPLED), cover=True)
+    source = native(path)
+    assert pre.native.shape == source.shape and pre.native.dtype == np.float32
+    params = next(r.params for r in pre.trace.records if r.op == "normalize")
+    expected = np.clip(2 * (source - params["low"]) / (params["high"] - params["low"]) - 1, -1, 1)
+    np.testing.assert_allclose(pre.native, expected, atol=1e-5)
+    # The same units as the model-space image: the image mapped back (as a probability map: no
+    # de-normalisation) lies close to it.
+    back = pre.trace.inverse(pre.image, "probability")
+    covered = pre.trace.inverse(pre.valid.astype(np.float32), "mask").astype(bool)
+    assert np.median(np.abs(back - pre.native)[covered]) < 0.05

@@ -186,3 +186,18 @@ def test_growth_over_another_map_extends_the_lesions_found_on_the_thresholded_on
     assert lesion_mask(smoothed, region, 0.4, (1, 1, 1), 5.0, grow_residual=sharp).sum() == 27, "no threshold, no growth"
     with pytest.raises(ValueError, match="grow_residual"):
         lesion_mask(smoothed, region, 0.4, (1, 1, 1), 5.0, grow_threshold=0.6, grow_residual=sharp[:8])
+
+
+def test_lesions_are_found_only_in_the_detection_region_and_grow_over_the_whole_region() -> None:
+    region = np.ones((12, 12, 12), bool)
+    inner = np.zeros_like(region)
+    inner[2:10, 2:10, 2:10] = True
+    residual = np.zeros((12, 12, 12), np.float32)
+    residual[0:2, 5:8, 5:8] = 0.9  # only in the surface layer: never a lesion
+    residual[4:7, 4:7, 0:5] = 0.9  # deeper, reaching the surface: found, and grown back into it
+    mask = lesion_mask(residual, region, 0.5, (1.0, 1.0, 1.0), 1.0, grow_threshold=0.5, grow_residual=residual,
+                       detection_region=inner)
+    assert not mask[0:2, 5:8, 5:8].any()
+    assert mask[4:7, 4:7, 0:5].all() and mask.sum() == 45
+    # Without the detection region both are lesions.
+    assert lesion_mask(residual, region, 0.5, (1.0, 1.0, 1.0), 1.0)[0:2, 5:8, 5:8].all()

@@ -197,3 +197,36 @@ def test_residual_map_with_decodings_averages_the_agreement() -> None:
         residual_map(x, cfs, "bright", decodings[:1])
     with pytest.raises(ValueError, match="decoding 1"):
         residual_map(x, cfs, "bright", [decodings[0], np.zeros((2, 2))])
+
+
+def test_detection_region_drops_the_surface_layer_and_the_field_of_view_ends() -> None:
+    from bids_app.segmentation.residuals import detection_region
+
+    region = np.zeros((9, 9, 6), bool)
+    region[2:7, 2:7, :] = True  # a 5x5 cord running through the whole field of view
+    inner = detection_region(region, (1.0, 1.0, 1.0), 1.0)
+    expected = np.zeros_like(region)
+    expected[3:6, 3:6, 1:5] = True  # one layer off every side, the ends of the array included
+    np.testing.assert_array_equal(inner, expected)
+    np.testing.assert_array_equal(detection_region(region, (1.0, 1.0, 1.0), 0.0), region)
+    # In mm: with 0.5 mm voxels a 1 mm inset takes two layers; with 3 mm slices the end slices stay.
+    assert detection_region(region, (0.5, 0.5, 1.0), 1.0)[4, 4, 2] and not detection_region(region, (0.5, 0.5, 1.0), 1.0)[3, 4, 2]
+    assert detection_region(region, (1.0, 1.0, 3.0), 1.0)[4, 4, 0]
+
+
+def test_detection_region_falls_back_to_a_region_too_thin_for_the_inset(caplog) -> None:
+    from bids_app.segmentation.residuals import detection_region
+
+    thin = np.zeros((5, 5, 5), bool)
+    thin[2, 2, 1:4] = True
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(detection_region(thin, (1.0, 1.0, 1.0), 1.0), thin)
+    assert "nowhere deeper" in caplog.text
+    with pytest.raises(ValueError, match="inset_mm"):
+        detection_region(thin, (1.0, 1.0, 1.0), -1.0)
+
+
+def test_detection_inset_is_validated() -> None:
+    with pytest.raises(UsageError, match="detection_inset_mm"):
+        ResidualSettings(detection_inset_mm=-0.5)
+    assert ResidualSettings(detection_inset_mm=1.0).to_dict()["detection_inset_mm"] == 1.0

@@ -19,7 +19,8 @@ def _residual(index: int) -> SimpleNamespace:
     residual = rng.uniform(0.0, 0.1, (20, 20, 20)).astype(np.float32)
     if index == 1:
         residual[5:8, 5:8, 5:8] = 0.6
-    return SimpleNamespace(residual=residual, region=np.ones(residual.shape, bool), spacing_mm=(1.0, 1.0, 1.0),
+    region = np.ones(residual.shape, bool)
+    return SimpleNamespace(residual=residual, region=region, detection_region=region, spacing_mm=(1.0, 1.0, 1.0),
                            seconds=0.0, growth=None)
 
 
