@@ -3,11 +3,11 @@
     python benchmarks/segmentation_quality.py BIDS_DIR MODEL_DIR [--extra-healthy DIR ...] [--extra-lesion DIR ...]
         [--strength S ...] [--steps N] [--noising patch region] [--polarity bright] [--out results.json]
 
-Score maps are made in model space (the preprocessed grid covering the whole cord, slid over in
-model-sized windows) and, as the app does, mapped back to each image's own grid (continuous maps
-resampled linearly, the region as a mask) where they are calibrated, thresholded and compared
-with the ground-truth mask file (until session 6 this was done in model space, where the
-interpolation to the native grid does not smooth the healthy maxima: higher thresholds). It
+Counterfactuals are made in model space (the preprocessed grid covering the whole cord, slid over
+in model-sized windows); as the app does since session 7, the residual is then taken on each
+image's own grid (the decodings resampled, the input at its own resolution), median-filtered
+there, calibrated, thresholded inside the region less its surface layer (``--detection-inset``)
+and compared with the ground-truth mask file. It
 compares on every lesion image of BIDS_DIR:
 
 - counterfactual (patch): the app's residual (``--reference both``: the agreement of x - x_hat, the
@@ -18,7 +18,7 @@ compares on every lesion image of BIDS_DIR:
 - counterfactual (region): the same with the whole cord noised at once (the method before patched
   noising), at its own best strengths (``--region-strength``, default 0.5 0.65 0.8);
 - reconstruction: |x - D(E(x))|, the VQ-GAN alone (strength 0, raw decoding);
-- zscore: in-region intensity z-score of the image itself.
+- zscore: in-region intensity z-score of the image itself (on its own grid).
 
 Each method's threshold is calibrated the app's way, without lesion labels, on the healthy
 validation images recorded in MODEL_DIR: the 0.999 quantile of its in-region scores, raised (rule
@@ -49,11 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout, read_participants  # noqa: E402
 from bids_app.model_store import load_trained_models  # noqa: E402
 from bids_app.pipelines.counterfactual import CounterfactualSettings, windowed_counterfactuals  # noqa: E402
+from bids_app.pipelines.segment import native_grid_residual  # noqa: E402
 from bids_app.preprocessing.pipeline import preprocess  # noqa: E402
 from bids_app.segmentation.calibration import calibrate, grow_threshold  # noqa: E402
 from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask  # noqa: E402
 from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice  # noqa: E402
-from bids_app.segmentation.residuals import analysis_region, residual_map, smooth  # noqa: E402
+from bids_app.segmentation.residuals import analysis_region, detection_region, restrict, smooth  # noqa: E402
 from bids_app.settings import SegmentationSettings, SelectionSettings  # noqa: E402
 
 
@@ -67,8 +68,7 @@ def scores_for(models, pre, region, args):
         editable = region if args.edit_region == "cord" and reference != "image" else None
         cfs = windowed_counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale,
                                        pre.image, cf, shape, "cpu", features, editable)
-        decodings = [c.decoded for c in cfs] if reference == "both" else None
-        return residual_map(pre.image, [c.image for c in cfs], args.polarity, decodings)[0]
+        return native_grid_residual(pre, cfs, reference, args.polarity)[0]
 
     features = None
     if models.adapter is not None and "cord" in pre.masks:
@@ -84,26 +84,21 @@ def scores_for(models, pre, region, args):
     return scores
 
 
-def thresholded_and_growth_maps(raw, pre, args):
-    """Each raw map median-filtered for detection (``--median``) and for growth (``--grow-median``)."""
-    return ({m: smooth(r, args.median, valid=pre.valid) for m, r in raw.items()},
-            {m: smooth(r, args.grow_median, valid=pre.valid) for m, r in raw.items()})
-
-
-def on_native_grid(record, pre, region, scores, growth):
-    """Region, score and growth maps and ground truth on the image's own grid, as the app evaluates
-    them: maps resampled as continuous maps, the region as a mask, the truth read from its file."""
+def on_native_grid(record, pre, region, raw, args):
+    """Region, detection region, score and growth maps and ground truth on the image's own grid, as
+    the app makes them: residuals taken there (``native_grid_residual``), median-filtered there for
+    detection (``--median``) and growth (``--grow-median``), the truth read from its file."""
     trace = pre.trace
     native_region = trace.inverse(region.astype(np.float32), "mask").astype(bool)
+    spacing = tuple(float(z) for z in trace.source.zooms[:3])
 
-    def native(maps):
-        return {method: np.where(native_region, trace.inverse(np.where(region, score, 0.0), "probability"), 0.0)
-                .astype(np.float32) for method, score in maps.items()}
+    def filtered(size):
+        return {m: restrict(smooth(r, size, valid=native_region), native_region) for m, r in raw.items()}
     truth = None
     if record.lesion_mask is not None:
         truth = np.asanyarray(nib.load(record.lesion_mask).dataobj) > 0
-    spacing = tuple(float(z) for z in trace.source.zooms[:3])
-    return record, native_region, native(scores), truth, spacing, native(growth)
+    detect = detection_region(native_region, spacing, args.detection_inset)
+    return record, native_region, filtered(args.median), truth, spacing, filtered(args.grow_median), detect
 
 
 def main() -> int:
@@ -117,6 +112,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=SegmentationSettings().steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin", type=float, default=0.0, help="cord dilation in mm")
+    parser.add_argument("--detection-inset", type=float, default=SegmentationSettings().detection_inset_mm,
+                        help="lesions are found only deeper than this (mm) in the region (default: the app's)")
     parser.add_argument("--n-samples", type=int, default=1)
     parser.add_argument("--extra-healthy", type=Path, nargs="*", default=[],
                         help="more BIDS datasets whose healthy images measure the false-positive rate")
@@ -162,27 +159,28 @@ def main() -> int:
             masks["lesion"] = record.lesion_mask
         pre = preprocess(record.image, models.plan, masks, cover=True)
         region, _ = analysis_region(pre.valid, pre.masks.get("cord"), spacing, args.margin, image=pre.image)
-        scores, growth = thresholded_and_growth_maps(scores_for(models, pre, region, args), pre, args)
+        raw = scores_for(models, pre, region, args)
         mean, std = pre.image[region].mean(), pre.image[region].std() + 1e-6
-        scores["zscore"] = growth["zscore"] = np.where(region, (pre.image - mean) / std, 0.0)
-        prepared[str(record.image)] = on_native_grid(record, pre, region, scores, growth)
+        raw["zscore"] = (pre.native - mean) / std  # the image itself, in its own grid
+        prepared[str(record.image)] = on_native_grid(record, pre, region, raw, args)
     results = {}
     methods = next(iter(prepared.values()))[2].keys()
     for method in methods:
         maps = [prepared[str(r.image)][2][method] for r in healthy]
-        regions = [prepared[str(r.image)][1] for r in healthy]
+        regions = [prepared[str(r.image)][6] for r in healthy]  # where a lesion could be found
         lesion_free = ([lesion_free_threshold(m, g, prepared[str(r.image)][4], 5.0)
                         for m, g, r in zip(maps, regions, healthy)] if args.rule == "images" else None)
-        separate = args.grow_median != args.median and method != "zscore"
+        separate = args.grow_median != args.median
         growth_maps = [prepared[str(r.image)][5][method] for r in healthy] if separate else None
         calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free, image_fpr=args.image_fpr or None,
                                 grow_residuals=growth_maps)
         threshold = calibration.threshold
         grow = grow_threshold(calibration, args.grow_quantile or None)
         dices, oracles, aps, fp = [], [], [], []
-        for record, region, scores, truth, voxel_mm, growth in prepared.values():
+        for record, region, scores, truth, voxel_mm, growth, detect in prepared.values():
             mask = lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, 5.0,
-                               grow_threshold=grow, grow_residual=growth[method] if separate else None)
+                               grow_threshold=grow, grow_residual=growth[method] if separate else None,
+                               detection_region=detect)
             if truth is not None:
                 dices.append(dice(mask.astype(bool), truth))
                 oracles.append(best_dice_over_thresholds(scores[method], truth, region)["oracle_best_dice"])
@@ -199,7 +197,7 @@ def main() -> int:
               "n_samples": args.n_samples, "polarity": args.polarity, "reference": args.reference,
               "rule": args.rule, "image_fpr": args.image_fpr,
               "median_size": args.median, "grow_median_size": args.grow_median, "edit_region": args.edit_region,
-              "cord_margin_mm": args.margin,
+              "cord_margin_mm": args.margin, "detection_inset_mm": args.detection_inset, "residual_grid": "native",
               "n_lesion_images": len(lesioned), "n_healthy_validation_images": len(healthy),
               "n_unseen_healthy_images": len(unseen),
               "lesion_images": [Path(r.image).name for r in lesioned],

@@ -27,7 +27,7 @@ def test_same_settings_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.parametrize("change", [{"polarity": "both"}, {"edit_region": "all"}, {"strengths": (0.5,)},
                                     {"window_overlap": 0.25}, {"eta": 0.5}, {"noising": "region"},
                                     {"patch_size": (1, 2, 2)}, {"patch_offsets": 1}, {"reference": "reconstruction"},
-                                    {"grow_median_size": 3}])
+                                    {"grow_median_size": 3}, {"detection_inset_mm": 0.0}])
 def test_a_changed_residual_setting_warns(caplog: pytest.LogCaptureFixture, change: dict) -> None:
     with caplog.at_level(logging.WARNING):
         _warn_if_settings_differ(settings_with(**change), calibration_identity(settings_with(), "abc"))
@@ -36,6 +36,6 @@ def test_a_changed_residual_setting_warns(caplog: pytest.LogCaptureFixture, chan
 
 def test_the_calibration_rule_and_its_false_positive_rate_are_part_of_its_identity() -> None:
     default = calibration_identity(settings_with(), "abc")
-    assert default["rule"] == "images" and default["image_fpr"] == 0.1
-    assert calibration_identity(settings_with(calibration_image_fpr=0.05), "abc") != default
+    assert default["rule"] == "images" and default["image_fpr"] == 0.05
+    assert calibration_identity(settings_with(calibration_image_fpr=0.1), "abc") != default
     assert "image_fpr" not in calibration_identity(settings_with(calibration_rule="voxels"), "abc")

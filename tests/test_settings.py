@@ -93,9 +93,11 @@ def test_bad_patch_settings_are_refused(section: str, values: dict, message: str
 def test_calibration_rule_settings_default_and_validation() -> None:
     base = {"bids_dir": "/b", "output_dir": "/o", "analysis_level": "group"}
     seg = build_settings(base).segmentation
-    assert (seg.calibration_rule, seg.calibration_image_fpr, seg.reference) == ("images", 0.1, "both")
+    assert (seg.calibration_rule, seg.calibration_image_fpr, seg.reference) == ("images", 0.05, "both")
     off = build_settings({**base, "segmentation": {"calibration_image_fpr": None}}).segmentation
     assert off.calibration_image_fpr is None
-    for bad in ({"calibration_image_fpr": 0.7}, {"calibration_rule": "subjects"}, {"reference": "sharp"}):
+    assert seg.detection_inset_mm == 1.0
+    for bad in ({"calibration_image_fpr": 0.7}, {"calibration_rule": "subjects"}, {"reference": "sharp"},
+                {"detection_inset_mm": -1}):
         with pytest.raises(UsageError, match=next(iter(bad))):
             build_settings({**base, "segmentation": bad})
