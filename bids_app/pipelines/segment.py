@@ -120,7 +120,8 @@ def native_grid_residual(pre: Preprocessed, counterfactuals: Sequence[Counterfac
     the model grid's are not averaged away. The transferred counterfactual's edit
     ``D(E(x)) - D(z)`` is as coarse as the latent and is simply resampled. Measured on the
     demo-budget model (docs/benchmarks.md, "Residual on the native grid"): median Dice over 9
-    lesion images 0.57 -> 0.75 at the calibrated threshold, a 3 mm-slice image 0.00 -> 0.9.
+    lesion images 0.57 -> 0.68 at the calibrated threshold (0.76 with the detection inset), the
+    image with 3 mm slices 0.00 -> 0.71.
     Without ``pre.native`` (a hand-made Preprocessed) the model-space residual is resampled.
     """
     trace = pre.trace
