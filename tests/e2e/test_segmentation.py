@@ -51,8 +51,9 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 1
-        # The image-level rule: the threshold predicts a 10 % healthy image false-positive rate.
-        assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.1
+        # The image-level rule: the threshold predicts a 5 % healthy image false-positive rate.
+        assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.05
+        assert sidecar["DetectionInsetMM"] == 1.0 and sidecar["ResidualGrid"] == "native"
         assert sidecar["CalibrationImages"] >= 1
         # Hysteresis: lesions grow over the unsmoothed residual to its healthy 0.995 quantile.
         assert sidecar["GrowQuantile"] == 0.995 and sidecar["GrowMedianFilterSize"] == 1
