@@ -43,7 +43,7 @@ class Preprocessed:
     affine: np.ndarray
     #: The source image on its own grid in model intensity units (the plan's normalisation, no
     #: resampling): residuals are taken against it, at the image's own resolution.
-    native: np.ndarray | None = None
+    native: np.ndarray
 
 
 # --------------------------------------------------------------------------------------------
