@@ -213,13 +213,20 @@ def main() -> int:
                            detection_region=detect)
 
     for method in methods:
+        free: dict[str, float] = {}  # an image's lesion-free threshold does not depend on the others
+
+        def lesion_free(record, method=method):
+            if str(record.image) not in free:
+                entry = prepared[str(record.image)]
+                free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[6], entry[4], 5.0)
+            return free[str(record.image)]
+
         def calibration_on(records, method=method):
             maps = [prepared[str(r.image)][2][method] for r in records]
             regions = [prepared[str(r.image)][6] for r in records]  # where a lesion could be found
-            lesion_free = ([lesion_free_threshold(m, g, prepared[str(r.image)][4], 5.0)
-                            for m, g, r in zip(maps, regions, records)] if args.rule == "images" else None)
             growth_maps = [prepared[str(r.image)][5][method] for r in records] if separate else None
-            calibration = calibrate(maps, regions, 0.999, lesion_free=lesion_free,
+            calibration = calibrate(maps, regions, 0.999,
+                                    lesion_free=[lesion_free(r) for r in records] if args.rule == "images" else None,
                                     image_fpr=args.image_fpr or None, grow_residuals=growth_maps)
             return calibration.threshold, grow_threshold(calibration, args.grow_quantile or None)
 
@@ -241,9 +248,8 @@ def main() -> int:
         resampled = None
         if args.resample:
             pool = healthy + unseen  # every healthy image the model never trained on
-            lesion_free = [lesion_free_threshold(prepared[str(r.image)][2][method], prepared[str(r.image)][6],
-                                                 prepared[str(r.image)][4], 5.0) for r in pool]
-            resampled = resampled_calibration(lesion_free, lambda chosen: calibration_on([pool[i] for i in chosen]),
+            resampled = resampled_calibration([lesion_free(r) for r in pool],
+                                              lambda chosen: calibration_on([pool[i] for i in chosen]),
                                               dice_at, len(healthy), args.resample, args.seed)
         results[method] = {"threshold": threshold, "grow_threshold": grow, "median_dice": float(np.median(dices)),
                            "dice": [round(d, 4) for d in dices], "median_oracle_dice": float(np.nanmedian(oracles)),
