@@ -215,13 +215,13 @@ def main() -> int:
     for method in methods:
         free: dict[str, float] = {}  # an image's lesion-free threshold does not depend on the others
 
-        def lesion_free(record, method=method):
+        def lesion_free(record):
             if str(record.image) not in free:
                 entry = prepared[str(record.image)]
                 free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[6], entry[4], 5.0)
             return free[str(record.image)]
 
-        def calibration_on(records, method=method):
+        def calibration_on(records):
             maps = [prepared[str(r.image)][2][method] for r in records]
             regions = [prepared[str(r.image)][6] for r in records]  # where a lesion could be found
             growth_maps = [prepared[str(r.image)][5][method] for r in records] if separate else None
@@ -230,7 +230,7 @@ def main() -> int:
                                     image_fpr=args.image_fpr or None, grow_residuals=growth_maps)
             return calibration.threshold, grow_threshold(calibration, args.grow_quantile or None)
 
-        def dice_at(threshold, grow, method=method):
+        def dice_at(threshold, grow):
             return [dice(mask_of(entry, method, threshold, grow).astype(bool), entry[3])
                     for entry in prepared.values() if entry[3] is not None]
 
