@@ -34,7 +34,7 @@ def timed_run(arguments: list[str]) -> float:
 
 
 def main() -> int:
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.io import atomic_write_json
     from bids_app.demo import DEMO_DATASET, demo_config
     from bids_app.synthetic import generate_dataset
 

@@ -24,6 +24,7 @@ from bids_app.errors import (
 )
 from bids_app.settings import ANALYSIS_LEVELS, PRESETS, RunSettings, build_settings, load_config_file
 from bids_app.settings import merge_overrides, settings_to_dict
+from bids_app.settings.fields import field_at, help_text
 
 log = logging.getLogger("bids_app.cli")
 
@@ -43,6 +44,27 @@ def _flag(group: Any, *names: str, **kwargs: Any) -> None:
         if name.startswith("--") and "-" in name[2:]:
             strings.append("--" + name[2:].replace("-", "_"))
     group.add_argument(*dict.fromkeys(strings), **kwargs)
+
+
+#: Flags that set one declared setting: (flag, settings path, argparse options). Help, default and
+#: choices come from the setting's declaration (``bids_app.settings``).
+SETTING_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--strength", "segmentation.counterfactual.strengths", {"nargs": "+", "type": float, "metavar": "S"}),
+    ("--n-samples", "segmentation.counterfactual.n_samples", {"type": int, "metavar": "K"}),
+    ("--adapter-scale", "segmentation.counterfactual.adapter_scale", {"type": float, "metavar": "W"}),
+    ("--polarity", "segmentation.residual.polarity", {}),
+    ("--threshold", "segmentation.lesions.threshold", {"type": float, "metavar": "T"}),
+    ("--grow-quantile", "segmentation.lesions.grow_quantile", {"type": float, "metavar": "Q"}),
+    ("--inference-batch-size", "compute.inference_batch_size", {"type": int, "metavar": "N"}),
+    ("--precision", "compute.precision", {}),
+)
+
+
+def _setting_flag(group: Any, flag: str, path: str, **extra: Any) -> None:
+    """A flag for a declared setting: its help (with the default) and choices from the declaration."""
+    declaration = field_at(RunSettings, path)
+    choices = declaration.metadata.get("choices")
+    _flag(group, flag, help=help_text(declaration), **({"choices": choices} if choices else {}), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,38 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
                      dest="skip_bids_validation", action="store_true", help="do not run the BIDS validator")
 
-    seg = parser.add_argument_group("segmentation (participant level)")
-    _flag(seg, "--strength", nargs="+", type=float, metavar="S",
-          help="noising strength(s) in [0, 1]: fraction of the diffusion chain (default: 0.8); several are "
-               "averaged")
-    _flag(seg, "--n-samples", type=int, metavar="K", help="noise seeds per strength, averaged (default: 1)")
-    _flag(seg, "--steps", type=int, metavar="N", help="denoising steps run below the strength (default: 1, the one-step read-out of the clean "
-               "latent: measured fastest and best on the demo model, docs/benchmarks.md)")
-    _flag(seg, "--sampler", choices=("ddim", "ddpm"), help="ddim (deterministic, default) or ddpm (ancestral)")
-    _flag(seg, "--noising", choices=("patch", "region"),
-          help="patch (default): noise one small latent patch of the cord at a time, the rest kept clean, so the real "
-               "surroundings decide what healthy tissue goes there; region: noise the whole cord at once")
-    _flag(seg, "--polarity", choices=("auto", "bright", "dark", "both"),
-          help="which residuals are lesion: brighter than the counterfactual, darker, or both (default auto: "
-               "dark on T1w, bright on T2w and other suffixes)")
-    _flag(seg, "--threshold", type=float, metavar="T",
-          help="residual threshold for the lesion mask instead of the calibrated one")
-    _flag(seg, "--grow-quantile", type=float, metavar="Q",
-          help="grow each lesion found at the threshold over its connected voxels above this healthy quantile "
-               "(hysteresis; default 0.995, of the unsmoothed residual); --no-grow turns it off")
+    seg = parser.add_argument_group("segmentation (participant level; every setting: --config, see the README)")
+    for flag, path, extra in SETTING_FLAGS:
+        _setting_flag(seg, flag, path, **extra)
     _flag(seg, "--no-grow", action="store_true", help="lesion masks are the voxels above the threshold only")
+    _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter "
+                                                          "(= --adapter-scale 0)")
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
           help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")
-    _flag(seg, "--no-adapter", action="store_true", help="do not steer the denoising with the T2I-Adapter")
-    _flag(seg, "--adapter-scale", type=float, metavar="W", help="weight of the adapter's features (default 1; 0 = off)")
     _flag(seg, "--overwrite", action="store_true", help="redo images whose outputs already exist")
-    _flag(seg, "--inference-batch-size", type=int, metavar="N",
-          help="denoising chains (windows x strengths x samples) per UNet forward (default: 16); lower it if the "
-               "GPU runs out of memory, results do not change")
-    _flag(seg, "--precision", choices=("auto", "fp32", "bf16", "fp16"),
-          help="autocast on CUDA (default auto: bf16 where supported); CPU always computes in fp32")
-    _flag(seg, "--compile", action="store_true", help="torch.compile the UNet (pays off on long runs; measured "
-                                                       "in docs/benchmarks.md)")
 
     run = parser.add_argument_group("running")
     _flag(run, "-w", "--work-dir", metavar="DIR", type=Path, help="scratch space (default: OUTPUT_DIR/work)")
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="CPUs this job may use in all (under torchrun: shared by the processes of a node)")
     _flag(run, "--omp-nthreads", type=int, metavar="N",
           help="threads per process (torch intra-op; default: --nprocs / processes per node)")
-    _flag(run, "--seed", type=int, metavar="N", help="random seed of every stochastic step (default: 0)")
+    _setting_flag(run, "--seed", "compute.seed", type=int, metavar="N")
     _flag(run, "--stages", nargs="+", metavar="STAGE",
           help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion, "
                "adapter, calibrate (default: all)")
@@ -198,29 +197,33 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         training["retrain"] = args.retrain
     if training:
         cli["training"] = training
-    segmentation: dict[str, Any] = {}
-    for flag, key in (("strength", "strengths"), ("n_samples", "n_samples"), ("steps", "steps"),
-                      ("sampler", "sampler"), ("noising", "noising"), ("threshold", "threshold"), ("overwrite", "overwrite"),
-                      ("adapter_scale", "adapter_scale"), ("polarity", "polarity"),
-                      ("inference_batch_size", "batch_size"), ("precision", "precision"), ("compile", "compile")):
-        if flag in args:
-            segmentation[key] = getattr(args, flag)
-    if "no_adapter" in args:
-        segmentation["use_adapter"] = False
+    for flag, path, _ in SETTING_FLAGS:
+        name = flag[2:].replace("-", "_")
+        if name in args:
+            _put(cli, path, getattr(args, name))
     if "grow_quantile" in args and "no_grow" in args:
         raise UsageError("--grow-quantile and --no-grow exclude each other")
-    if "grow_quantile" in args:
-        segmentation["grow_quantile"] = args.grow_quantile
     if "no_grow" in args:
-        segmentation["grow_quantile"] = None
+        _put(cli, "segmentation.lesions.grow_quantile", None)
+    if "adapter_scale" in args and "no_adapter" in args:
+        raise UsageError("--adapter-scale and --no-adapter exclude each other")
+    if "no_adapter" in args:
+        _put(cli, "segmentation.counterfactual.adapter_scale", 0.0)
     if "strength_sweep" in args:
-        segmentation["strength_sweep"] = parse_sweep(args.strength_sweep)
-    if segmentation:
-        cli["segmentation"] = segmentation
+        _put(cli, "segmentation.strength_sweep", parse_sweep(args.strength_sweep))
+    if "overwrite" in args:
+        cli["overwrite"] = args.overwrite
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
     if compute:
-        cli["compute"] = compute
+        cli["compute"] = {**cli.get("compute", {}), **compute}
     return build_settings(merge_overrides(config, cli))
+
+
+def _put(values: dict[str, Any], path: str, value: Any) -> None:
+    *sections, key = path.split(".")
+    for section in sections:
+        values = values.setdefault(section, {})
+    values[key] = value
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:
@@ -320,7 +323,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
             print(dry_run_listing(settings))
             return ExitCode.OK
-        from bids_app.training import distributed  # torch is imported only once a level runs
+        from bids_app import distributed  # torch is imported only once a level runs
 
         context = distributed.from_environment()
         if context.enabled and settings.analysis_level != "group":
@@ -350,7 +353,7 @@ def _run_level_logged(settings: RunSettings, logs: Path, context: Any = None) ->
     (another rank writes a crash log only when it crashes)."""
     from bids_app import levels, runlog
     from bids_app.compute import configure_threads, resolve_device
-    from bids_app.training import distributed
+    from bids_app import distributed
 
     context = context or distributed.SINGLE
     name = runlog.run_id(settings.analysis_level) + ("" if context.is_main else f"_rank{context.rank}")

@@ -111,7 +111,7 @@ class PreprocessedCache:
             return None
 
     def store(self, key: str, arrays: Mapping[str, np.ndarray]) -> Path:
-        from bids_app.bids.derivatives import atomic_write_bytes
+        from bids_app.io import atomic_write_bytes
         import io
 
         buffer = io.BytesIO()

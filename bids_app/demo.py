@@ -44,7 +44,7 @@ def demo_config(user_config: Path | None) -> dict[str, Any]:
 
 def run_demo(outdir: Path, args: argparse.Namespace, run_level: Callable[[Sequence[str]], int]) -> int:
     """Generate (or reuse) the phantom dataset, then run the group and participant levels."""
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.io import atomic_write_json
     from bids_app.synthetic import generate_dataset
 
     outdir = Path(outdir).absolute()

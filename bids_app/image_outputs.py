@@ -12,7 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bids_app.bids.derivatives import KINDS, output_relpath, remove_leftover_temp_files
+from bids_app.bids.derivatives import KINDS, output_relpath
+
+from bids_app.io import remove_leftover_temp_files
 from bids_app.bids.layout import name_parts
 
 log = logging.getLogger(__name__)

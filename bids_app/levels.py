@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
-from bids_app.bids.derivatives import exclusive_lock, unique_output_names
+from bids_app.bids.derivatives import unique_output_names
+from bids_app.io import exclusive_lock
 from bids_app.bids.images import check_not_placeholders, check_record, inspect_image
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BadDataError, BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.training.preparation import describe as describe_preparation
 from bids_app.training.preparation import prepare_training_data
-from bids_app.training.distributed import SINGLE, Distributed
-from bids_app.training.distributed import describe as describe_distributed
+from bids_app.distributed import SINGLE, Distributed
+from bids_app.distributed import describe as describe_distributed
 from bids_app.training.group import train_models
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ CARD_FORMAT = 1
 
 
 def write_model_card(model_dir: Path, card: Mapping[str, Any]) -> Path:
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.io import atomic_write_json
 
     return atomic_write_json(Path(model_dir) / MODEL_CARD, {"format": CARD_FORMAT, "version": __version__, **card})
 

@@ -15,11 +15,11 @@ from typing import Any, Mapping
 
 import torch
 
-from bids_app.bids.derivatives import atomic_write_json
+from bids_app.io import atomic_write_json
 from bids_app.errors import BadDataError, MissingInputError
 from bids_app.model_card import MODEL_CARD, read_model_card
 from bids_app.preprocessing.plan import PreprocessingPlan
-from bids_app.training.checkpoint import load_weights, save_weights
+from bids_app.weights import load_weights, save_weights
 
 log = logging.getLogger(__name__)
 

@@ -16,25 +16,27 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bids_app.bids.derivatives import atomic_write_json, exclusive_lock, output_relpath, write_derivative
+from bids_app.bids.derivatives import output_relpath, write_derivative
+
+from bids_app.io import atomic_write_json, exclusive_lock, save_nifti_atomic
 from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, MissingInputError
 from bids_app.image_outputs import image_outputs
 from bids_app.model_store import TrainedModels, load_trained_models
-from bids_app.pipelines.segment import (
-    adapter_for,
-    counterfactual_settings,
-    describe_settings,
-    inference_models,
-    mean_counterfactual,
-    native_residual,
-    residual_settings,
+from bids_app.pipelines.counterfactual import CounterfactualPipeline
+from bids_app.pipelines.segment import ImageInput, native_residual
+from bids_app.segmentation.calibration import (
+    Calibration,
+    grow_threshold,
+    probability_map,
+    read_calibration_file,
+    with_threshold,
 )
-from bids_app.segmentation.calibration import Calibration, grow_threshold, probability_map, with_threshold
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
 from bids_app.settings import RunSettings
+from bids_app.settings.fields import calibrated_values, sidecar_values
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +46,25 @@ SUMMARY_LOCK = ".evaluation_summary.lock"
 
 def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibration:
     """The calibrated threshold from the model directory (checksum-verified), or ``--threshold``."""
-    import hashlib
-
     entry = models.card.get("calibration")
-    calibration = None
-    if entry:
-        path = settings.model_dir / entry["file"]
-        data = path.read_bytes() if path.is_file() else b""
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise BadDataError(f"{path}: checksum mismatch with the model card: the calibration is corrupted or was modified")
-        stored = json.loads(data)
-        calibration = Calibration.from_dict(stored["calibration"])
-        _warn_if_settings_differ(settings, stored["identity"])
-    if calibration is None:
+    if not entry:
         raise MissingInputError(
             f"the model in {settings.model_dir} is not calibrated: run the group level with the stage calibrate "
             "(it also gives the healthy reference that --threshold and the anomaly map need)"
         )
-    threshold = settings.segmentation.threshold
-    return with_threshold(calibration, threshold) if threshold is not None else calibration
+    stored = read_calibration_file(settings.model_dir / entry["file"], entry["sha256"])
+    _warn_if_settings_differ(settings, stored.identity)
+    threshold = settings.segmentation.lesions.threshold
+    return with_threshold(stored.calibration, threshold) if threshold is not None else stored.calibration
 
 
 def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
                    device: str) -> dict[str, Any]:
-    models = inference_models(load_trained_models(settings.model_dir, device), settings.segmentation)
+    models = load_trained_models(settings.model_dir, device)
     # How many NaN voxels to tolerate is this run's choice, not the model's.
     models = dataclasses.replace(models, plan=dataclasses.replace(
         models.plan, max_nonfinite_fraction=settings.preprocessing.max_nonfinite_fraction))
+    pipeline = CounterfactualPipeline.from_models(models, device, settings.compute)
     for record in images:
         check_fits_plan(record.image, models.plan)
     calibration = load_calibration(settings, models)
@@ -78,7 +72,7 @@ def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambi
     done, skipped, evaluations = [], [], []
     for number, record in enumerate(images, 1):
         outputs = image_outputs(settings.output_dir, record.relpath, disambiguate.get(record.relpath, False))
-        if outputs.done and not settings.segmentation.overwrite:
+        if outputs.done and not settings.overwrite:
             log.info("[%d/%d] %s: outputs exist, skipped (--overwrite redoes them)", number, len(images), record.relpath)
             skipped.append(record.relpath)
             evaluations.extend(_existing_evaluation(outputs.mask, record))
@@ -86,7 +80,8 @@ def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambi
         log.info("[%d/%d] %s: segmenting", number, len(images), record.relpath)
         outputs.begin()
         try:
-            evaluation = segment_one(settings, models, calibration, record, disambiguate.get(record.relpath, False), device)
+            evaluation = segment_one(settings, models, pipeline, calibration, record,
+                                     disambiguate.get(record.relpath, False))
         except BaseException:
             outputs.discard()
             raise
@@ -130,39 +125,38 @@ def write_summary(settings: RunSettings, evaluations: Sequence[Mapping[str, Any]
     return summarise(table)
 
 
-def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calibration, record: ImageRecord,
-                disambiguate: bool, device: str) -> dict[str, Any] | None:
-    seg = settings.segmentation
-    cf, rs = counterfactual_settings(seg, settings.compute.seed), residual_settings(seg, record.image)
-    result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
-                             adapter_for(models, seg), record.control_mask)
+def segment_one(settings: RunSettings, models: TrainedModels, pipeline: CounterfactualPipeline,
+                calibration: Calibration, record: ImageRecord, disambiguate: bool) -> dict[str, Any] | None:
+    seg, seed = settings.segmentation, settings.compute.seed
+    result = native_residual(pipeline, models.plan, image_input(record), seg, seed)
     source = result.preprocessed.trace.source
     probability = probability_map(result.residual, calibration, result.region)
-    grow = grow_threshold(calibration, seg.grow_quantile)
+    grow = grow_threshold(calibration, seg.lesions.grow_quantile)
     mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
-                       seg.min_lesion_mm3, seg.majority_smoothing, grow,
+                       seg.lesions.min_lesion_mm3, grow,
                        result.growth if calibration.grow_reference is not None else None,
                        detection_region=result.detection_region)
     extra = {
-        **describe_settings(cf, rs),
+        **sidecar_values(seg),
+        "Seed": seed,
+        "ResidualGrid": "native",
+        "ResidualPolarity": result.polarity,
         "Threshold": calibration.threshold,
         "ThresholdSource": calibration.source,
-        "CalibrationRule": calibration.rule,
         "CalibrationImages": calibration.n_images,
         **({"CalibrationImageFPR": calibration.image_fpr} if calibration.image_fpr is not None else {}),
-        **({"GrowThreshold": grow, "GrowQuantile": seg.grow_quantile} if grow is not None else {}),
-        "AnalysisRegion": (f"spinal-cord mask dilated by {seg.cord_margin_mm:g} mm" if result.region_source == "cord"
-                           else "body foreground"),
+        **({"GrowThreshold": grow, "GrowQuantile": seg.lesions.grow_quantile} if grow is not None else {}),
+        "AnalysisRegion": "spinal-cord mask" if result.region_source == "cord" else "body foreground",
         "ModelCardSHA256": models.card_sha256,
         "AdapterUsed": result.adapter_used,
-        "AdapterScale": seg.adapter_scale if result.adapter_used else 0.0,
+        "AdapterScale": seg.counterfactual.adapter_scale if result.adapter_used else 0.0,
     }
     if record.cord_mask is not None:
         extra["CordMask"] = str(record.cord_mask)
     if result.adapter_used:
         extra["AdapterControl"] = str(record.control_mask)
     out = settings.output_dir
-    write_derivative(source.to_nifti(mean_counterfactual(result), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
+    write_derivative(source.to_nifti(result.mean_counterfactual(), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
     write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
     paths = image_outputs(out, record.relpath, disambiguate)
     rows = lesion_table(mask, probability, source.affine)
@@ -178,7 +172,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, calibration: Calib
         evaluation.update(healthy_false_positive(mask, voxel_volume))
     atomic_write_json(paths.evaluation, evaluation)
     if seg.strength_sweep:
-        _write_sweep(settings, models, record, device)
+        _write_sweep(settings, models, pipeline, record)
     write_derivative(source.to_nifti(mask, "mask"), record.relpath, "lesion_mask", out, extra, disambiguate)
     log.info("%s: %d lesion(s), %.1f mm3%s (%.1f s)", record.relpath, len(rows), evaluation["lesion_volume_mm3"],
              f", Dice {evaluation['dice']:.3f}" if "dice" in evaluation else "", result.seconds)
@@ -203,31 +197,43 @@ def _existing_evaluation(mask_path: Path, record: ImageRecord) -> list[dict[str,
         return []
 
 
-def _write_sweep(settings: RunSettings, models: TrainedModels, record: ImageRecord, device: str) -> None:
+def image_input(record: ImageRecord) -> ImageInput:
+    return ImageInput(record.relpath, record.image, record.cord_mask, record.control_mask)
+
+
+def _write_sweep(settings: RunSettings, models: TrainedModels, pipeline: CounterfactualPipeline,
+                 record: ImageRecord) -> None:
     """The counterfactual and residual at each strength of the sweep (native grid, ``sweep/``)."""
     seg = settings.segmentation
-    rs = residual_settings(seg, record.image)
     folder = settings.output_dir / "sweep" / Path(record.relpath).parent
     stem = name_parts(Path(record.relpath).name)[0]
     for strength in seg.strength_sweep:
-        cf = counterfactual_settings(seg, settings.compute.seed, (strength,))
-        result = native_residual(record.image, record.cord_mask, record.relpath, models, cf, rs, device,
-                                 adapter_for(models, seg), record.control_mask)
+        at_strength = dataclasses.replace(seg, counterfactual=dataclasses.replace(seg.counterfactual,
+                                                                                 strengths=(strength,)))
+        result = native_residual(pipeline, models.plan, image_input(record), at_strength, settings.compute.seed)
         source = result.preprocessed.trace.source
-        from bids_app.bids.derivatives import save_nifti_atomic
-
         tag = f"strength-{int(round(strength * 100)):03d}"
-        save_nifti_atomic(source.to_nifti(mean_counterfactual(result), "image"), folder / f"{stem}_{tag}_counterfactual.nii.gz")
+        save_nifti_atomic(source.to_nifti(result.mean_counterfactual(), "image"), folder / f"{stem}_{tag}_counterfactual.nii.gz")
         save_nifti_atomic(source.to_nifti(result.residual, "probability"), folder / f"{stem}_{tag}_residual.nii.gz")
     log.info("%s: strength sweep %s written to %s", record.relpath, list(seg.strength_sweep), folder)
 
 
 def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
-    from bids_app.training.calibrate import segmentation_identity
-
-    now = segmentation_identity(settings.segmentation)
-    differing = [k for k, v in now.items() if identity.get(k) != v]
+    """A warning naming each calibrated setting that differs from what the threshold was calibrated with."""
+    now = _flatten(calibrated_values(settings.segmentation))
+    then = _flatten(identity.get("segmentation", {}))
+    differing = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     if differing:
-        log.warning("segmentation settings %s differ from those the threshold was calibrated with (%s): the "
+        log.warning("segmentation settings differ from those the threshold was calibrated with (%s): the "
                     "calibrated false-positive rate does not hold; rerun the group stage calibrate with them",
-                    ", ".join(differing), ", ".join(f"{k}={identity.get(k)}" for k in differing))
+                    ", ".join(f"{k}: {then.get(k)} now {now.get(k)}" for k in differing))
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "segmentation.") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

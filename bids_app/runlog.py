@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from bids_app.bids.derivatives import atomic_write_json, atomic_write_text
+from bids_app.io import atomic_write_json, atomic_write_text
 
 LOGGER_NAME = "bids_app"
 _FORMAT = "%(asctime)s [counterseg] %(levelname)s: %(message)s"

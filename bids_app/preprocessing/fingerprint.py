@@ -142,7 +142,7 @@ def plan_from_fingerprint(
 
 
 def save_fingerprint(fingerprint: Fingerprint, directory: Path) -> Path:
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.io import atomic_write_json
 
     return atomic_write_json(Path(directory) / FINGERPRINT_FILE, fingerprint.to_dict())
 

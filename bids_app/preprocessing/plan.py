@@ -78,7 +78,7 @@ class PreprocessingPlan:
 
 
 def save_plan(plan: PreprocessingPlan, directory: Path) -> Path:
-    from bids_app.bids.derivatives import atomic_write_json
+    from bids_app.io import atomic_write_json
 
     return atomic_write_json(Path(directory) / PLAN_FILE, plan.to_dict())
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bids_app.bids.derivatives import atomic_write_bytes
+from bids_app.io import atomic_write_bytes
 from bids_app.reports import volumes as vol
 from bids_app.reports.volumes import Volumes
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from bids_app.bids.derivatives import atomic_write_bytes, atomic_write_text
+from bids_app.io import atomic_write_bytes, atomic_write_text
 from bids_app.reports import figures, html
 from bids_app.reports import outputs as out
 

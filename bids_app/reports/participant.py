@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bids_app.bids.derivatives import atomic_write_text
+from bids_app.io import atomic_write_text
 from bids_app.reports import figures, html
 from bids_app.reports import outputs as out
 from bids_app.reports.outputs import ImageOutputs

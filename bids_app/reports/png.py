@@ -40,7 +40,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
-    from bids_app.bids.derivatives import atomic_write_bytes
+    from bids_app.io import atomic_write_bytes
 
     return atomic_write_bytes(Path(path), png_bytes(pixels))
 

@@ -7,11 +7,8 @@ from bids_app.schedulers.base import (
     draw_noise,
 )
 from bids_app.schedulers.ddim import DDIMScheduler
-from bids_app.schedulers.ddpm import DDPMScheduler
 from bids_app.schedulers.patches import patch_sets, random_patches
-from bids_app.schedulers.sampling import Chain, KnownRegion, denoise, denoise_chains, img2img, start_chain
-
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+from bids_app.schedulers.sampling import Chain, KnownRegion, denoise, denoise_chains, start_chain
 
 __all__ = [
     "Chain",
@@ -19,15 +16,12 @@ __all__ = [
     "denoise_chains",
     "start_chain",
     "DDIMScheduler",
-    "DDPMScheduler",
     "ModelFn",
-    "SCHEDULERS",
     "Scheduler",
     "SchedulerConfig",
     "StepOutput",
     "denoise",
     "draw_noise",
-    "img2img",
     "patch_sets",
     "random_patches",
 ]

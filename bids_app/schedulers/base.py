@@ -112,7 +112,7 @@ class Scheduler:
 
     def set_timesteps_from(self, timesteps: Sequence[int]) -> None:
         """Use these timesteps (distinct, descending, in [0, T)) instead of n evenly spaced ones:
-        img2img at a strength then starts exactly where asked (:func:`img2img_timesteps` gives them all)."""
+        img2img at a strength then starts exactly where asked (:meth:`img2img_timesteps`)."""
         values = [int(t) for t in timesteps]
         T = self.num_train_timesteps
         if not values or any(not 0 <= t < T for t in values) or any(a <= b for a, b in zip(values, values[1:])):
@@ -136,18 +136,20 @@ class Scheduler:
     def _build_step_tables(self) -> None:
         """Hook for subclasses: add per-timestep coefficient tables to ``self._tables``."""
 
-    def img2img_timesteps(self, strength: float) -> Tensor:
-        """The timesteps an img2img run at this strength goes through, after ``set_timesteps(n)``.
+    def img2img_timesteps(self, strength: float, steps: int) -> list[int]:
+        """The one img2img rule: ``steps`` evenly spaced timesteps from ``strength * T`` down
+        (descending), so a chain starts exactly at its strength whatever the number of steps.
 
-        diffusers' rule: ``init = min(int(n * strength), n)``, timesteps ``self.timesteps[n - init:]``.
-        The latent is noised to ``timesteps[0]`` and denoising starts at that same timestep.
-        Strength 0 gives no timesteps (the input comes back unchanged), strength 1 all n.
+        (diffusers' rule, the last ``int(n * strength)`` of n respaced steps, quantises the start to
+        the respaced grid: with one step, strengths 0.5 to 0.99 would all start at T/2.) A strength
+        below one training timestep gives no steps: the input comes back unchanged.
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        n = self.num_inference_steps
-        init = min(int(n * strength), n)
-        return self.timesteps[n - init:]
+        top = int(round(strength * self.num_train_timesteps)) - 1
+        if top < 0 or steps < 1:
+            return []
+        return sorted({int(round(top * (steps - j) / steps)) for j in range(steps)}, reverse=True)
 
     # -- table lookups -----------------------------------------------------------------------
     def _lookup(self, name: str, t: Tensor | int, like: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""DDIM sampling (Song et al. 2021) over a respaced chain, and DDIM inversion.
+"""DDIM sampling (Song et al. 2021) over a respaced chain.
 
 Step t goes to the previous scheduled timestep s (alpha_bar_s = 1 after the last one):
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bids_app.schedulers import schedules
-from bids_app.schedulers.base import ModelFn, Scheduler, SchedulerConfig, StepOutput, draw_noise
+from bids_app.schedulers.base import Scheduler, SchedulerConfig, StepOutput, draw_noise
 
 __all__ = ["DDIMScheduler"]
 
@@ -45,25 +44,3 @@ class DDIMScheduler(Scheduler):
         if self.eta > 0:
             prev = prev + self._coefficient("sigma", t, sample) * draw_noise(sample, generator)
         return StepOutput(prev, x0)
-
-    def invert(self, model_fn: ModelFn, x0: Tensor, n_steps: int, strength: float = 1.0) -> Tensor:
-        """DDIM inversion: the deterministic update run upward from the clean sample.
-
-        Calls ``set_timesteps(n_steps)`` and climbs through ``img2img_timesteps(strength)`` in
-        ascending order; the step up to timestep t evaluates ``model_fn`` at t on the current
-        sample (at the noise level of the scheduled step below t), the usual approximation
-        eps(x_t, t) ~ eps(x_s, t). The result is at timestep ``img2img_timesteps(strength)[0]``,
-        so ``denoise(model_fn, self, result, self.img2img_timesteps(strength))`` undoes it.
-        Always deterministic (eta plays no part) and never clipped (clipping is a sampling guard,
-        and at the clean end it would divide by sqrt(1 - 1)).
-        """
-        self.set_timesteps(n_steps)
-        ascending = self.img2img_timesteps(strength).flip(0).to(x0.device)
-        batch = x0.shape[0]
-        sample = x0
-        for t in ascending:
-            model_output = model_fn(sample, t.expand(batch))
-            here = self._lookup("alpha_bar_prev", t, sample)
-            x0_hat, eps = self._split(model_output, here, sample, clip=False)
-            sample = schedules.add_noise(x0_hat, eps, self._lookup("alpha_bar", t, sample))
-        return sample

@@ -1,4 +1,4 @@
-"""The sampling loops: a reverse chain, img2img, and many img2img chains denoised together.
+"""The sampling loops: a reverse chain, and many img2img chains denoised together.
 
 Counterfactuals at several strengths, noise samples and sliding windows are independent chains of
 one model. Run one after another, every reverse step is a batch-1 forward, which on CPU also falls
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bids_app.schedulers.base import ModelFn, Scheduler, draw_noise
 
-__all__ = ["KnownRegion", "Chain", "BatchedModelFn", "start_chain", "denoise_chains", "denoise", "img2img"]
+__all__ = ["KnownRegion", "Chain", "BatchedModelFn", "start_chain", "denoise_chains", "denoise"]
 
 BatchedModelFn = Callable[[Tensor, Tensor, Sequence[Any]], Tensor]
 """``model_fn(samples, t, conditions) -> outputs``: one condition per chain in the batch, in order."""
@@ -84,36 +84,28 @@ class Chain:
         self.sample = sample
 
 
-def start_chain(scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
+def start_chain(scheduler: Scheduler, x0: Tensor, timesteps: Sequence[int],
                 generator: torch.Generator | None = None, editable: Tensor | None = None,
-                condition: Any = None, clean_context: bool = False,
-                timesteps: Sequence[int] | None = None) -> Chain:
-    """Noise x0 to the strength's start timestep: a chain ready for :func:`denoise_chains`.
+                condition: Any = None, clean_context: bool = False) -> Chain:
+    """Noise x0 to the first of ``timesteps`` (descending; :meth:`Scheduler.img2img_timesteps`): a
+    chain ready for :func:`denoise_chains` that runs exactly those steps.
 
-    Calls ``scheduler.set_timesteps(n_steps)`` (so a chain needs a scheduler of its own when
-    chains differ in ``n_steps``). The noise is drawn with the generator. A strength too small for
-    one step gives a finished chain holding x0 itself. ``editable`` (1 = may change) keeps the rest
-    on the original (:class:`KnownRegion`), noised alike or, with ``clean_context``, clean.
-    ``timesteps`` (descending) replaces the respaced chain: the chain runs exactly those (an empty
-    list: nothing to do); ``strength`` and ``n_steps`` are then not used.
+    The scheduler is set to these timesteps, so each chain needs a scheduler of its own. The noise
+    is drawn with the generator. No timesteps give a finished chain holding x0 itself.
+    ``editable`` (1 = may change) keeps the rest on the original (:class:`KnownRegion`), noised
+    alike or, with ``clean_context``, clean.
     """
-    if timesteps is None:
-        scheduler.set_timesteps(n_steps)
-        timesteps = scheduler.img2img_timesteps(strength).to(x0.device)
-    elif len(timesteps):
-        scheduler.set_timesteps_from(timesteps)
-        timesteps = scheduler.timesteps.to(x0.device)
-    else:
-        timesteps = torch.zeros(0, dtype=torch.long, device=x0.device)
-    if len(timesteps) == 0:
-        return Chain(scheduler, timesteps, x0, generator, None, condition, None)
+    if not len(timesteps):
+        return Chain(scheduler, torch.zeros(0, dtype=torch.long, device=x0.device), x0, generator, None, condition)
+    scheduler.set_timesteps_from(timesteps)
+    steps = scheduler.timesteps.to(x0.device)
     noise = draw_noise(x0, generator)
-    t = timesteps[0].expand(x0.shape[0])
+    t = steps[0].expand(x0.shape[0])
     noisy = scheduler.add_noise(x0, noise, t)
     known = KnownRegion(x0, noise, editable.to(x0.dtype), clean_context) if editable is not None else None
     if known is not None:
         noisy = known.apply(scheduler, noisy, t[:1])
-    return Chain(scheduler, timesteps, noisy, generator, known, condition, int(timesteps[0]))
+    return Chain(scheduler, steps, noisy, generator, known, condition, int(steps[0]))
 
 
 def denoise_chains(model_fn: BatchedModelFn, chains: Sequence[Chain], max_batch: int | None = None) -> list[Tensor]:
@@ -147,14 +139,3 @@ def denoise(model_fn: ModelFn, scheduler: Scheduler, sample: Tensor, timesteps: 
     """
     chain = Chain(scheduler, timesteps.to(sample.device), sample, generator, known)
     return denoise_chains(lambda x, t, _: model_fn(x, t), [chain])[0]
-
-
-def img2img(model_fn: ModelFn, scheduler: Scheduler, x0: Tensor, strength: float, n_steps: int,
-            generator: torch.Generator | None = None, editable: Tensor | None = None) -> tuple[Tensor, int | None]:
-    """Noise x0 to the strength's start timestep and denoise it back: the counterfactual step.
-
-    Returns the sample and the start timestep, or (x0 itself, None) at a strength too small for
-    one step (see :func:`start_chain`).
-    """
-    chain = start_chain(scheduler, x0, strength, n_steps, generator, editable)
-    return denoise_chains(lambda x, t, _: model_fn(x, t), [chain])[0], chain.start

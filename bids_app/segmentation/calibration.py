@@ -5,18 +5,13 @@ the residuals of healthy participants the model was *not* trained on (the valida
 describe what "healthy" looks like, and a voxel is called lesion when its residual exceeds a
 high quantile of that healthy distribution.
 
-Default ``quantile = 0.999``: by construction at most ``1 - q = 0.1 %`` of healthy in-region
-voxels exceed the threshold (before lesion-size filtering, and up to sampling error of the
-calibration set). For a typical cervical cord region (cord ~11 x 7 mm across, dilated by 2 mm
-to ~15 x 11 mm, i.e. ~130 mm^2, over ~100 mm of cord: ~13,000 mm^3) that is an expected
-~13 mm^3 of healthy voxels above threshold per image. The median filter makes these voxels
-come in small clumps rather than alone, and the ``min_lesion_mm3`` filter (5 mm^3) removes most
-clumps; the measured healthy false-positive rate (``metrics.healthy_false_positive``) is the
-number to report, this is only its a-priori bound.
+Two rules set the threshold. The voxel quantile alone bounds the fraction of healthy cord voxels
+above it; the image rule (``lesion_free``, the app's) raises it until a new healthy image gets a
+lesion, after the same size filter as at inference, with probability ``image_fpr``.
 
-The residuals passed to :func:`calibrate` must be post-processed exactly as at inference (same
-:class:`~bids_app.segmentation.residuals.ResidualSettings`, ensemble size and strengths),
-otherwise the threshold means something else.
+The residuals passed to :func:`calibrate` must be computed exactly as at inference (the same
+pipeline and calibrated settings, :func:`bids_app.pipelines.segment.native_residual`), otherwise
+the threshold means something else.
 
 Serialised form (``to_dict``)::
 
@@ -31,6 +26,7 @@ round-trip bit-exactly. ``from_dict`` also accepts ``"reference": [..]`` (a plai
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -43,12 +39,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from bids_app.bids.derivatives import atomic_write_json
+from bids_app.io import atomic_write_bytes, json_bytes
 from bids_app.errors import BadDataError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUANTILE = 0.999
 MAX_REFERENCE = 100_000
 FORMAT_VERSION = 1
 SOURCES = ("calibrated", "user")
@@ -148,27 +143,45 @@ class Calibration:
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"malformed calibration: {exc}") from None
 
-    def save(self, path: str | Path) -> Path:
-        """Write as JSON, atomically (a crash never leaves a half-written calibration)."""
-        return atomic_write_json(path, self.to_dict())
 
-    @classmethod
-    def load(cls, path: str | Path) -> Calibration:
-        """Read a saved calibration; missing file -> MissingInputError, bad content -> BadDataError."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MissingInputError(f"calibration file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadDataError(f"cannot read calibration {path}: {exc}") from exc
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-            return cls.from_dict(data)
-        except ValueError as exc:
-            raise BadDataError(f"invalid calibration {path}: {exc}") from exc
+@dataclass(frozen=True)
+class CalibrationFile:
+    """The model directory's calibration file: what the threshold holds for (``identity``: the
+    models' checksums and every calibrated setting), a ``summary`` for the model card, and the
+    calibration itself."""
+
+    identity: Mapping[str, Any]
+    summary: Mapping[str, Any]
+    calibration: Calibration
+
+
+def write_calibration_file(path: str | Path, content: CalibrationFile) -> str:
+    """Write atomically; returns the file's SHA-256 (the model card records it)."""
+    data = json_bytes({"identity": content.identity, "summary": content.summary,
+                       "calibration": content.calibration.to_dict()})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_calibration_file(path: str | Path, expected_sha256: str | None = None) -> CalibrationFile:
+    """Read the file; missing -> MissingInputError (66), modified or malformed -> BadDataError (65)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingInputError(f"calibration file not found: {path}") from None
+    except OSError as exc:
+        raise BadDataError(f"cannot read calibration {path}: {exc.strerror or exc}") from exc
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise BadDataError(f"{path}: checksum mismatch with the model card: the calibration is corrupted or was "
+                           "modified")
+    try:
+        stored = json.loads(data)
+        if not isinstance(stored, dict):
+            raise ValueError("expected a JSON object")
+        return CalibrationFile(stored["identity"], stored["summary"], Calibration.from_dict(stored["calibration"]))
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise BadDataError(f"invalid calibration {path}: {exc}") from exc
 
 
 def _encode_reference(values: np.ndarray) -> dict[str, Any]:
@@ -242,7 +255,7 @@ def image_bound(lesion_free: Sequence[float], image_fpr: float | None) -> float:
 def calibrate(
     healthy_residuals: Sequence[np.ndarray],
     regions: Sequence[np.ndarray],
-    quantile: float = DEFAULT_QUANTILE,
+    quantile: float,
     max_reference: int = MAX_REFERENCE,
     lesion_free: Sequence[float] | None = None,
     image_fpr: float | None = None,

@@ -12,9 +12,7 @@ Conventions (shared with :mod:`bids_app.segmentation.metrics`):
   threshold is extended over the connected voxels above the lower ``grow_threshold``: the
   threshold decides *whether* an image has a lesion (so the healthy false-positive rate is the
   threshold's), the lower one *how far* it reaches. A counterfactual removes a lesion's core
-  better than its faint margin, so the threshold alone keeps only cores (measured on the
-  demo-budget model: median Dice 0.09 -> 0.41 at the same 2 of 12 unseen healthy images with a
-  false positive, docs/benchmarks.md, "Hysteresis").
+  better than its faint margin, so the threshold alone keeps only cores (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from bids_app.bids.derivatives import atomic_write_text
+from bids_app.io import atomic_write_text
 from bids_app.segmentation.residuals import check_spacing
 
 logger = logging.getLogger(__name__)
@@ -39,9 +37,6 @@ CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 LESION_COLUMNS = ("index", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                   "max_score", "mean_score", "n_voxels")
 
-_FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
-
-
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Label the 26-connected components of a binary 3D mask: (labels, count)."""
     mask = np.asarray(mask) > 0
@@ -49,27 +44,6 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         raise ValueError(f"lesion masks are 3D, got {mask.ndim} dimensions")
     labels, count = ndimage.label(mask, structure=CONNECTIVITY_26)
     return labels, int(count)
-
-
-def majority_smooth(mask: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
-    """One pass of 6-neighbour majority smoothing of a binary mask.
-
-    Let ``n`` be the number of a voxel's 6 face neighbours that are 1 (neighbours outside the
-    array or outside ``region`` count as 0). Simultaneously for all voxels: ``n >= 4`` -> 1,
-    ``n <= 2`` -> 0, ``n == 3`` -> unchanged. So a one-voxel hole inside a lesion is filled
-    (n = 6), an isolated voxel or a one-voxel-thin line is removed (n <= 2), while one-voxel-
-    thin sheets (n = 4) and cube corners (n = 3) survive. The result stays inside ``region``.
-    """
-    current = np.asarray(mask) > 0
-    if region is not None:
-        region = np.asarray(region, dtype=bool)
-        current = current & region
-    counts = ndimage.convolve(current.astype(np.uint8), _FACE_NEIGHBOURS.astype(np.uint8),
-                              mode="constant", cval=0) - current.astype(np.uint8)
-    out = np.where(counts >= 4, True, np.where(counts <= 2, False, current))
-    if region is not None:
-        out &= region
-    return out
 
 
 def remove_small_components(
@@ -107,7 +81,6 @@ def lesion_mask(
     threshold: float,
     spacing_mm: Sequence[float],
     min_lesion_mm3: float,
-    majority_smoothing: bool = False,
     grow_threshold: float | None = None,
     grow_residual: np.ndarray | None = None,
     detection_region: np.ndarray | None = None,
@@ -123,9 +96,7 @@ def lesion_mask(
     ``detection_region`` (a part of ``region``; default all of it): where the threshold finds
     lesions (:func:`~bids_app.segmentation.residuals.detection_region`); they grow within ``region``.
 
-    Optional majority smoothing (:func:`majority_smooth`) runs before the size filter, so that
-    filled holes count towards a lesion's volume and removed specks do not. Growth comes after
-    the size filter: it never creates a lesion, so an image has one exactly when it has one
+    Growth comes after the size filter: it never creates a lesion, so an image has one exactly when it has one
     without growth (:func:`lesion_free_threshold` holds for both).
     """
     residual = np.asarray(residual)
@@ -140,8 +111,6 @@ def lesion_mask(
             raise ValueError(f"detection_region has shape {seeds_in.shape}, residual has {residual.shape}")
         seeds_in = seeds_in & region
     mask = (residual > threshold) & seeds_in
-    if majority_smoothing:
-        mask = majority_smooth(mask, region)
     mask = remove_small_components(mask, spacing_mm, min_lesion_mm3)
     if grow_residual is not None:
         grow_residual = np.asarray(grow_residual)
@@ -159,7 +128,6 @@ def lesion_free_threshold(
     region: np.ndarray,
     spacing_mm: Sequence[float],
     min_lesion_mm3: float,
-    majority_smoothing: bool = False,
 ) -> float:
     """The lowest threshold at which :func:`lesion_mask` finds no lesion in this (healthy) image:
     the score of its most lesion-like false positive, after the same clean-up as at inference.
@@ -173,7 +141,7 @@ def lesion_free_threshold(
         return float("-inf")
 
     def empty(threshold: float) -> bool:
-        return not lesion_mask(residual, region, threshold, spacing_mm, min_lesion_mm3, majority_smoothing).any()
+        return not lesion_mask(residual, region, threshold, spacing_mm, min_lesion_mm3).any()
 
     if empty(float(values[0]) - 1.0):
         return float(values[0]) - 1.0  # no component is large enough even with every voxel in

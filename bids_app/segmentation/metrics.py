@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_app.bids.derivatives import atomic_write_text
+from bids_app.io import atomic_write_text
 from bids_app.segmentation.lesions import format_tsv_value, label_components
 
 logger = logging.getLogger(__name__)

@@ -5,27 +5,23 @@ The lesion evidence is the voxel-wise residual ``|x - x_hat|`` between a model-s
 counterfactual ``x_hat``. Several counterfactuals of one image (different noise strengths or
 seeds) form an ensemble: their mean residual is the anomaly map, their spread an uncertainty
 map. The map is then median-filtered (diffusion models leave salt-and-pepper residuals that are
-not lesions) and restricted to an *analysis region*: the dilated cord mask, or the body
+not lesions) and restricted to an *analysis region*: the cord mask, or the body
 foreground when no cord mask exists. Padded voxels (``valid == False``) never count.
 
 Typical order, also used for calibration so thresholds mean the same at inference::
 
     mean, spread = residual_map(image, counterfactuals)
-    mean = smooth(mean, settings.median_size, valid=valid)
-    region, source = analysis_region(valid, cord, spacing, settings.cord_margin_mm, image=image)
+    mean = smooth(mean, MEDIAN_SIZE, valid=valid)
+    region, source = analysis_region(valid, cord, image=image)
     mean = restrict(mean, region)
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-
-from bids_app.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,66 +32,14 @@ DEFAULT_FOREGROUND_THRESHOLD = -0.8
 
 POLARITIES = ("bright", "dark", "both")
 
+#: Edge of the median filter of the map that is thresholded: isolated speckle of the sampling is
+#: not a lesion.
+MEDIAN_SIZE = 3
+#: The same for the map lesions grow over (hysteresis): unsmoothed, as the median filter that keeps
+#: speckle from being found also rounds off a lesion's edges.
+GROW_MEDIAN_SIZE = 1
+
 _foreground_warned = False  # the fallback is announced once per process, then logged at INFO
-
-
-@dataclass(frozen=True)
-class ResidualSettings:
-    """Post-processing of the anomaly map; saved with the calibration so both always match.
-
-    ``median_size``: edge of the cubic 3D median filter in voxels (1 = off).
-    ``grow_median_size``: the same for the map lesions grow over (hysteresis); 1: unsmoothed.
-    ``cord_margin_mm``: the cord mask is dilated by this distance (mm) so that lesions at the
-    cord edge, and small cord-mask errors, stay inside the analysis region.
-    ``foreground_threshold``: normalised intensity above which a voxel is body foreground, used
-    only when no cord mask is available.
-    ``min_lesion_mm3``: connected lesions smaller than this are removed.
-    ``majority_smoothing``: one pass of 6-neighbour majority smoothing of the binary mask (see
-    :func:`bids_app.segmentation.lesions.majority_smooth`).
-    ``polarity``: which residuals count (:func:`signed_residual`).
-    ``detection_inset_mm``: lesions are found (thresholded) only deeper than this inside the
-    region (:func:`detection_region`), then grow over the whole region.
-    """
-
-    median_size: int = 3
-    grow_median_size: int = 1
-    cord_margin_mm: float = 2.0
-    foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD
-    min_lesion_mm3: float = 5.0
-    majority_smoothing: bool = False
-    polarity: str = "both"
-    detection_inset_mm: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.polarity not in POLARITIES:
-            raise UsageError(f"polarity must be one of {', '.join(POLARITIES)}, got {self.polarity!r}")
-        for name in ("median_size", "grow_median_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value:
-                raise UsageError(f"{name} must be an integer, got {value!r}")
-            if value < 1:
-                raise UsageError(f"{name} must be at least 1 (1 = off), got {value}")
-            object.__setattr__(self, name, int(value))
-        for name in ("cord_margin_mm", "min_lesion_mm3", "detection_inset_mm"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not np.isfinite(self.foreground_threshold):
-            raise UsageError(f"foreground_threshold must be finite, got {self.foreground_threshold!r}")
-        object.__setattr__(self, "majority_smoothing", bool(self.majority_smoothing))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ResidualSettings:
-        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"unknown residual settings: {', '.join(unknown)}")
-        return cls(**dict(data))
 
 
 def signed_residual(image: np.ndarray, counterfactual: np.ndarray, polarity: str) -> np.ndarray:
@@ -199,26 +143,6 @@ def smooth(residual: np.ndarray, median_size: int, valid: np.ndarray | None = No
     return ndimage.median_filter(residual, size=int(median_size), mode="nearest")
 
 
-def dilate_mm(mask: np.ndarray, spacing_mm: Sequence[float], margin_mm: float) -> np.ndarray:
-    """Dilate ``mask`` by an ellipsoid of radius ``margin_mm`` in world units.
-
-    A voxel joins when its centre lies within ``margin_mm`` of some mask voxel centre (Euclidean
-    distance in mm). This equals a binary dilation with the ellipsoidal structuring element
-    ``sum((d_i * spacing_i)**2) <= margin**2``, so anisotropic voxels dilate by different voxel
-    counts per axis (2 mm on 0.5 x 0.5 x 2 mm voxels: 4 voxels in-plane, 1 along z). A Euclidean
-    distance transform does this exactly and in time independent of the margin.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    spacing = check_spacing(spacing_mm, mask.ndim)
-    if margin_mm < 0:
-        raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
-    if margin_mm == 0 or not mask.any():
-        return mask.copy()
-    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
-    # Relative tolerance: 4 * 0.5 mm must count as exactly 2 mm despite float round-off.
-    return distance <= margin_mm * (1.0 + 1e-9) + 1e-9
-
-
 def body_foreground(image: np.ndarray, threshold: float = DEFAULT_FOREGROUND_THRESHOLD) -> np.ndarray:
     """Voxels brighter than ``threshold``, with enclosed dark holes (e.g. CSF, bone) filled."""
     fg = np.asarray(image) > threshold
@@ -228,15 +152,13 @@ def body_foreground(image: np.ndarray, threshold: float = DEFAULT_FOREGROUND_THR
 def analysis_region(
     valid: np.ndarray,
     cord_mask: np.ndarray | None,
-    spacing_mm: Sequence[float],
-    margin_mm: float,
     image: np.ndarray | None = None,
     foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
 ) -> tuple[np.ndarray, str]:
     """Where lesions are looked for: ``(region, source)`` with source ``"cord"`` or ``"foreground"``.
 
-    The cord mask dilated by ``margin_mm`` (ellipsoid in mm, :func:`dilate_mm`) when it is given
-    and non-empty; otherwise the body foreground of ``image`` (a much larger region, so expect
+    The cord mask when it is given and non-empty (not dilated: the bright CSF next to the cord would
+    dominate a dilated region); otherwise the body foreground of ``image`` (a much larger region, so expect
     more false positives; announced by a warning). Always intersected with ``valid`` so padded
     voxels never count.
     """
@@ -247,7 +169,7 @@ def analysis_region(
         if cord.shape != valid.shape:
             raise ValueError(f"cord mask has shape {cord.shape}, valid has {valid.shape}")
         if (cord & valid).any():
-            return dilate_mm(cord, spacing_mm, margin_mm) & valid, "cord"
+            return cord & valid, "cord"
         reason = "the cord mask is empty" if not cord.any() else "the cord mask lies only in padding"
     else:
         reason = "no cord mask is available"

@@ -24,7 +24,7 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig
 from bids_app.settings import StageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.diffusion import encode_latent, latent_grid, masked_loss, noisy_batch, patch_weights
 
 log = logging.getLogger(__name__)

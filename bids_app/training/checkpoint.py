@@ -6,7 +6,6 @@ either the previous checkpoint or the new one, never a half-written file.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -14,8 +13,9 @@ from typing import Any, Mapping
 
 import torch
 
-from bids_app.bids.derivatives import atomic_write_bytes
+from bids_app.io import atomic_write_bytes
 from bids_app.errors import BadDataError
+from bids_app.weights import first_line
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +52,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(Path(path), map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "refuse this file"
-        raise BadDataError(f"{path}: not a loadable weights-only checkpoint ({_first_line(exc)})") from exc
+        raise BadDataError(f"{path}: not a loadable weights-only checkpoint ({first_line(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise BadDataError(f"{path}: unknown checkpoint format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__}")
     return payload
-
-
-def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Final weights only (what inference needs); returns their SHA-256 for the model card."""
-    buffer = io.BytesIO()
-    torch.save(dict(state_dict), buffer)
-    data = buffer.getvalue()
-    atomic_write_bytes(Path(path), data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_weights(path: Path, expected_sha256: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load final weights, refusing a file whose checksum differs from the model card's."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadDataError(f"{path}: cannot read weights ({exc.strerror or exc})") from exc
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise BadDataError(f"{path}: checksum mismatch with the model card: the file is corrupted or was modified")
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # see load_checkpoint
-        raise BadDataError(f"{path}: not loadable as weights-only ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -38,7 +38,7 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig, denoise, draw_no
 from bids_app.settings import DiffusionStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.ema import EMA
 from bids_app.training.figures import save_volume_figure
 

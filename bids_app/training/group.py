@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from bids_app.bids.derivatives import atomic_write_json, remove_leftover_temp_files
+from bids_app.io import atomic_write_json, remove_leftover_temp_files
 from bids_app.data import AugmentationSettings, TrainingVolumes
 from bids_app.models.adapter import AdapterConfig
 from bids_app.training.adapter import AdapterStage
@@ -35,13 +35,15 @@ from bids_app.model_store import (
     read_stage,
     store_component,
 )
-from bids_app.training.calibrate import CALIBRATION_FILE, calibration_identity, run_calibration
+from bids_app.pipelines.calibrate import CALIBRATION_FILE, calibration_identity, run_calibration
+from bids_app.pipelines.counterfactual import CounterfactualPipeline
+from bids_app.pipelines.segment import ImageInput
+from bids_app.segmentation.calibration import CalibrationFile, read_calibration_file, write_calibration_file
 from bids_app.models.discriminators import DiscriminatorConfig
-from bids_app.pipelines.segment import inference_models
 from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
 from bids_app.training import loop
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.diffusion import DiffusionStage, latent_scale, unet_config
 from bids_app.training.preparation import PreparedData
 from bids_app.training.vqgan import VQGANStage, vqgan_config
@@ -127,7 +129,7 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str,
     if "calibrate" in settings.training.stages and summary["diffusion"]:
         summary["calibration"] = _calibrate(settings, prepared, _upstream(summary), device)
     elif (model_dir / CALIBRATION_FILE).is_file():
-        summary["calibration"] = json.loads((model_dir / CALIBRATION_FILE).read_text())["summary"]
+        summary["calibration"] = dict(read_calibration_file(model_dir / CALIBRATION_FILE).summary)
 
     if set(settings.training.stages) <= {"plan"}:
         log.info("only the plan stage was asked for: no model is trained")
@@ -155,15 +157,9 @@ def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name:
         atomic_write_json(marker, wanted)
     dist.barrier()  # the checkpoint folder is settled before any rank resumes from it
     _log_batch(name, stage_settings, dist)
-    budget = loop.Budget(
-        max_steps=stage_settings.max_steps,
-        max_time_s=stage_settings.max_time_s,
-        checkpoint_every=stage_settings.checkpoint_every,
-        log_every=stage_settings.log_every,
-    )
-    log.info("%s: training for up to %d steps%s", name, budget.max_steps,
-             f" or {budget.max_time_s:.0f} s" if budget.max_time_s else "")
-    result = loop.run_stage(stage, budget, checkpoints, dist)
+    log.info("%s: training for up to %d steps%s", name, stage_settings.max_steps,
+             f" or {stage_settings.max_time_s:.0f} s" if stage_settings.max_time_s else "")
+    result = loop.run_stage(stage, stage_settings, checkpoints, dist)
     log.info("%s: finished at step %d (%s) in %.1f s", name, result.steps, result.stopped_by, result.seconds)
     return result
 
@@ -216,26 +212,29 @@ def _upstream(summary: Mapping[str, Any]) -> str:
     return summary["diffusion"]["sha256"] + (":" + adapter["sha256"] if adapter else "")
 
 
-def _calibrate(settings: RunSettings, prepared: PreparedData, diffusion_sha256: str, device: str) -> dict[str, Any]:
+def _calibrate(settings: RunSettings, prepared: PreparedData, models_sha256: str, device: str) -> dict[str, Any]:
     """Run (or reuse) the calibration; the file holds its identity, a summary and the reference."""
     path = settings.model_dir / CALIBRATION_FILE
-    identity = calibration_identity(settings, diffusion_sha256)
+    seg, seed = settings.segmentation, settings.compute.seed
+    identity = json.loads(json.dumps(calibration_identity(seg, seed, models_sha256)))
     if path.is_file() and not settings.training.retrain:
-        stored = json.loads(path.read_text())
-        if stored.get("identity") == json.loads(json.dumps(identity)):
+        stored = read_calibration_file(path)
+        if stored.identity == identity:
             log.info("calibrate: already done for this model and these settings (%s)", path)
-            return stored["summary"]
+            return dict(stored.summary)
     samples = prepared.validation
     if not samples:
         log.warning("calibrate: no validation participant: calibrating on the training participants, whose "
                     "residuals are optimistic; the false-positive rate on new healthy data will be higher")
         samples = prepared.train
-    models = inference_models(load_components(settings.model_dir, prepared.plan, device), settings.segmentation)
-    calibration = run_calibration(settings, models, samples, device)
+    models = load_components(settings.model_dir, prepared.plan, device)
+    pipeline = CounterfactualPipeline.from_models(models, device, settings.compute)
+    images = [ImageInput(s.name, s.image, s.masks.get("cord"), s.masks.get("control")) for s in samples]
+    calibration = run_calibration(pipeline, prepared.plan, images, seg, seed)
     summary = {"threshold": calibration.threshold, "quantile": calibration.quantile,
                "n_images": calibration.n_images, "n_voxels": calibration.n_voxels,
                "participants": sorted({s.name.split("/")[0] for s in samples})}
-    atomic_write_json(path, {"identity": identity, "summary": summary, "calibration": calibration.to_dict()})
+    write_calibration_file(path, CalibrationFile(identity, summary, calibration))
     return summary
 
 

@@ -8,7 +8,7 @@ SIGTERM/SIGINT during the loop end the current step, save a checkpoint and raise
 A stage that draws its data order and noise from its own seeded generator, whose state is in the
 checkpoint, resumes bitwise identically on CPU.
 
-Under torchrun (see :mod:`bids_app.training.distributed`) every rank runs this same loop: only rank 0
+Under torchrun (see :mod:`bids_app.distributed`) every rank runs this same loop: only rank 0
 logs and checkpoints, every rank resumes from the same checkpoint, and the wall-clock budget is
 decided jointly so that no rank stops alone. A step is ``accumulation_steps`` micro-steps
 (:func:`micro_batches`); gradients are synchronised only on the last one (:func:`sync_gradients`).
@@ -31,22 +31,13 @@ from bids_app import interruption, killpoints
 from bids_app.compute import amp_dtype
 from bids_app.errors import UsageError
 from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
+from bids_app.settings import StageSettings
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "latest.pt"
 LOSSES_NAME = "losses.jsonl"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """When a stage stops, and how often it reports and checkpoints."""
-
-    max_steps: int
-    max_time_s: float | None = None
-    checkpoint_every: int = 50
-    log_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -69,8 +60,9 @@ class Stage(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def run_stage(stage: Stage, budget: Budget, checkpoint_dir: Path, dist: Distributed = SINGLE) -> StageResult:
-    """Train ``stage`` to its budget, resuming from ``checkpoint_dir/latest.pt`` if present.
+def run_stage(stage: Stage, budget: StageSettings, checkpoint_dir: Path, dist: Distributed = SINGLE) -> StageResult:
+    """Train ``stage`` to its budget (``max_steps``, ``max_time_s``; reporting every ``log_every``,
+    checkpointing every ``checkpoint_every`` steps), resuming from ``checkpoint_dir/latest.pt`` if present.
 
     Distributed: every rank loads the checkpoint (rank 0 must not be writing it: the caller holds a
     barrier before), rank 0 alone writes the log and checkpoints.

@@ -22,7 +22,7 @@ from bids_app.preprocessing.fingerprint import (
 )
 from bids_app.preprocessing.plan import PreprocessingPlan, load_plan, save_plan, PLAN_FILE
 from bids_app.settings import RunSettings
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def prepare_training_data(settings: RunSettings, selection: TrainingSelection,
 
 
 def _prepare(settings: RunSettings, selection: TrainingSelection) -> PreparedData:
-    from bids_app.bids.derivatives import atomic_write_json, remove_leftover_temp_files
+    from bids_app.io import atomic_write_json, remove_leftover_temp_files
 
     prep = settings.preprocessing
     train_labels, val_labels = split_participants(

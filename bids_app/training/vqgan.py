@@ -6,7 +6,7 @@ discriminator on volumes, plus discriminator feature matching. A perceptual loss
 local TorchScript feature extractor given as ``perceptual_weights`` (nothing is downloaded);
 without it the loss is off and the log says so.
 
-Distributed (see :mod:`bids_app.training.distributed`): the autoencoder and the discriminators are each
+Distributed (see :mod:`bids_app.distributed`): the autoencoder and the discriminators are each
 wrapped in DDP. The generator's adversarial terms look through a gradient-free view of the
 discriminators (:func:`_frozen`), so the discriminators' gradients come from their own loss only, which
 lets both losses accumulate over micro-steps; the discriminators see real and fake slices in one forward
@@ -39,7 +39,7 @@ from bids_app.models.vqgan import VQGAN, VQGANConfig
 from bids_app.settings import VQGANStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.training.distributed import SINGLE, Distributed
+from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.figures import save_volume_figure
 from bids_app.training.perceptual import PerceptualLoss
 
@@ -93,8 +93,6 @@ class VQGANStage:
         """One step of generator and discriminators, each accumulated over the step's micro-batches."""
         self.model.train()
         adversarial = step >= self.settings.disc_start
-        loop.set_learning_rate(self.opt_g, loop.learning_rate_at(
-            step, self.settings.learning_rate, self.settings.max_steps, self.settings.lr_schedule))
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
@@ -102,8 +100,7 @@ class VQGANStage:
                                            len(self.train_data), self.seed, self.dist)
         for micro in micro_batches:
             batch = loop.load_items(self.train_data, micro.items, self.device)
-            weights = reconstruction_weights(batch.get("cord"), self.settings.cord_weight)
-            loop.add_metrics(totals, self._micro_step(batch["image"], micro, adversarial, weights), 1.0 / micro.count)
+            loop.add_metrics(totals, self._micro_step(batch["image"], micro, adversarial), 1.0 / micro.count)
         loop.apply_gradients(self.opt_g, self.model.parameters(), self.scaler_g, self.settings.clip_norm,
                              "vqgan generator loss")
         if adversarial:
@@ -114,16 +111,14 @@ class VQGANStage:
             metrics.update(self.validate(step + 1))
         return metrics
 
-    def _micro_step(self, real: torch.Tensor, micro: loop.MicroBatch, adversarial: bool,
-                    weights: torch.Tensor | None = None) -> dict[str, float]:
+    def _micro_step(self, real: torch.Tensor, micro: loop.MicroBatch, adversarial: bool) -> dict[str, float]:
         """Forward and backward of one micro-batch (gradients synchronised on the last one only)."""
         scale = 1.0 / micro.count
         with loop.sync_gradients([self.model_ddp], micro.last):
             with loop.autocast(self.device, self.settings.precision):
                 out = self.model_ddp(real, self.generator)
                 reconstruction = F.l1_loss(out.reconstruction.float(), real)
-                weighted = reconstruction if weights is None else weighted_l1(out.reconstruction.float(), real, weights)
-                loss_g = weighted + out.commitment_loss
+                loss_g = reconstruction + out.commitment_loss
                 perceptual = None
                 if self.perceptual is not None:
                     chosen = self._slices(real, micro)
@@ -246,25 +241,6 @@ class VQGANStage:
 
     def inference_weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-
-def reconstruction_weights(cord: torch.Tensor | None, cord_weight: float) -> torch.Tensor | None:
-    """Per-voxel weights of the reconstruction loss: 1, plus ``cord_weight`` on the cord and the
-    voxel layer around it (where partial volume with the CSF is), or None (plain L1) without a cord
-    mask or weight.
-
-    The residual that finds lesions is read inside the cord only, and there the autoencoder's own
-    error is the noise a faint lesion must beat; the rest of the field of view is context.
-    """
-    if cord is None or cord_weight <= 0:
-        return None
-    near = F.max_pool3d(cord.float(), kernel_size=3, stride=1, padding=1)
-    return 1.0 + cord_weight * near
-
-
-def weighted_l1(reconstruction: torch.Tensor, real: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L1 averaged with per-voxel ``weights`` (normalised, so the loss keeps the plain L1's scale)."""
-    return ((reconstruction - real).abs() * weights).sum() / (weights.sum() * reconstruction.shape[1])
 
 
 def _frozen(discriminator: torch.nn.Module, x: torch.Tensor):

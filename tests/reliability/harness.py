@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bids_app import cli, killpoints
-from bids_app.bids.derivatives import temp_file_target
+from bids_app.io import temp_file_target
 from bids_app.image_outputs import image_outputs
 
 FAST = ["--skip-bids-validation"]

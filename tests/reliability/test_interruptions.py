@@ -14,7 +14,8 @@ from pathlib import Path
 from bids_app import killpoints
 from bids_app.image_outputs import image_outputs
 from bids_app.model_store import load_trained_models
-from bids_app.training.checkpoint import load_checkpoint, load_weights
+from bids_app.training.checkpoint import load_checkpoint
+from bids_app.weights import load_weights
 
 from tests.conftest import participant_args, tree_digest
 

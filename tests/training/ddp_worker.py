@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bids_app import cli
-from bids_app.bids import derivatives
+from bids_app import io as file_io
 from bids_app.training import loop
 
 
@@ -38,7 +38,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     probe_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
-    commit, run_stage = derivatives._commit, loop.run_stage
+    commit, run_stage = file_io._commit, loop.run_stage
 
     def recording_commit(tmp: Path, path: Path) -> None:
         written.append(str(path))
@@ -49,7 +49,7 @@ def main() -> int:
         (probe_dir / f"{stage.name}_rank{rank}.json").write_text(json.dumps(digest(stage.state_dict())))
         return result
 
-    derivatives._commit, loop.run_stage = recording_commit, probing_run_stage
+    file_io._commit, loop.run_stage = recording_commit, probing_run_stage
     code = cli.main(argv)
     (probe_dir / f"exit_rank{rank}.json").write_text(json.dumps({"exit_code": code, "written": written}))
     return code

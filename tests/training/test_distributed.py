@@ -19,7 +19,7 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig
 from bids_app.settings import build_settings
 from bids_app.training import loop
 from bids_app.training.diffusion import noisy_batch
-from bids_app.training.distributed import SINGLE, Distributed, from_environment
+from bids_app.distributed import SINGLE, Distributed, from_environment
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")

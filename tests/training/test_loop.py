@@ -10,16 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from bids_app.settings import StageSettings
 from bids_app.errors import BadDataError
 from bids_app.training import loop
-from bids_app.training.checkpoint import (
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-    save_weights,
-)
+from bids_app.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from bids_app.weights import load_weights, save_weights
 
 
 class ToyStage:
@@ -59,12 +54,12 @@ class ToyStage:
 
 def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path: Path) -> None:
     straight = ToyStage()
-    loop.run_stage(straight, loop.Budget(max_steps=30, checkpoint_every=7), tmp_path / "a")
+    loop.run_stage(straight, StageSettings(max_steps=30, checkpoint_every=7), tmp_path / "a")
     interrupted = ToyStage()
-    loop.run_stage(interrupted, loop.Budget(max_steps=13, checkpoint_every=7), tmp_path / "b")
+    loop.run_stage(interrupted, StageSettings(max_steps=13, checkpoint_every=7), tmp_path / "b")
     torch.manual_seed(12345)  # a fresh process would start from another global RNG state
     resumed = ToyStage()
-    result = loop.run_stage(resumed, loop.Budget(max_steps=30, checkpoint_every=7), tmp_path / "b")
+    result = loop.run_stage(resumed, StageSettings(max_steps=30, checkpoint_every=7), tmp_path / "b")
     assert result.steps == 30
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -75,7 +70,7 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path: Path) -> None:
 def test_wall_clock_budget_stops_and_checkpoints(tmp_path: Path, monkeypatch) -> None:
     clock = iter(float(t) for t in range(1000))
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
-    result = loop.run_stage(ToyStage(), loop.Budget(max_steps=100, max_time_s=5, checkpoint_every=50), tmp_path)
+    result = loop.run_stage(ToyStage(), StageSettings(max_steps=100, max_time_s=5, checkpoint_every=50), tmp_path)
     assert result.stopped_by == "max_time" and result.steps < 100
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == result.steps
 
@@ -83,7 +78,7 @@ def test_wall_clock_budget_stops_and_checkpoints(tmp_path: Path, monkeypatch) ->
 def test_nan_loss_is_skipped_not_applied(tmp_path: Path, caplog) -> None:
     stage = ToyStage()
     stage.poison_at = 3
-    loop.run_stage(stage, loop.Budget(max_steps=6), tmp_path)
+    loop.run_stage(stage, StageSettings(max_steps=6), tmp_path)
     assert "skipped an optimiser step" in caplog.text
     assert all(torch.isfinite(p).all() for p in stage.model.parameters())
 

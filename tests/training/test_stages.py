@@ -12,7 +12,7 @@ from bids_app.models.discriminators import DiscriminatorConfig
 from bids_app.models.unet3d import UNet3DConfig
 from bids_app.models.vqgan import VQGAN, tiny_config
 from bids_app.schedulers import SchedulerConfig
-from bids_app.settings import DiffusionStageSettings, VQGANStageSettings
+from bids_app.settings import DiffusionStageSettings, StageSettings, VQGANStageSettings
 from bids_app.training import loop
 from bids_app.training.diffusion import DiffusionStage
 from bids_app.training.vqgan import VQGANStage
@@ -55,12 +55,12 @@ def diffusion_stage() -> DiffusionStage:
 
 def _resume_matches(make_stage, tmp_path: Path) -> None:
     straight = make_stage()
-    loop.run_stage(straight, loop.Budget(max_steps=6, checkpoint_every=3), tmp_path / "a")
+    loop.run_stage(straight, StageSettings(max_steps=6, checkpoint_every=3), tmp_path / "a")
     first = make_stage()
-    loop.run_stage(first, loop.Budget(max_steps=3, checkpoint_every=3), tmp_path / "b")
+    loop.run_stage(first, StageSettings(max_steps=3, checkpoint_every=3), tmp_path / "b")
     torch.manual_seed(999)
     resumed = make_stage()
-    loop.run_stage(resumed, loop.Budget(max_steps=6, checkpoint_every=3), tmp_path / "b")
+    loop.run_stage(resumed, StageSettings(max_steps=6, checkpoint_every=3), tmp_path / "b")
     a, b = straight.state_dict(), resumed.state_dict()
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name

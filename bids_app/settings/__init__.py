@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from bids_app.errors import UsageError
+from bids_app.settings.fields import Checked, at_least, build_dataclass, setting, to_jsonable
+from bids_app.settings.legacy import migrate
+from bids_app.settings.segmentation import SegmentationSettings
 
 ANALYSIS_LEVELS = ("participant", "group")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINING_STAGES = ("plan", "vqgan", "diffusion", "adapter", "calibrate")  # "plan" (data preparation) always runs first
 
 #: Derivative name templates, tried in order. ``{stem}`` is the image name without extension
@@ -105,12 +107,6 @@ class VQGANStageSettings(StageSettings):
     crop_shape: tuple[int, ...] | None = None
     perceptual_weights: Path | None = None  # a local TorchScript feature extractor (never downloaded)
     perceptual_weight: float = 0.1
-    #: Extra weight of the reconstruction loss on the cord and the voxel layer around it (0: plain L1
-    #: over the field of view); needs cord masks, ignored for a batch without them.
-    cord_weight: float = 0.0
-    #: "constant", or "cosine": the generator's learning rate decayed from learning_rate to 0 over
-    #: max_steps (the discriminator's stays constant), so the last step is not a noisy draw.
-    lr_schedule: str = "constant"
     #: Recompute the autoencoder's blocks in the backward instead of keeping their activations: 13% more
     #: FLOPs (only what each backward needs is recomputed), a third of the memory (docs/benchmarks.md: a
     #: 32x128x128 step of the default model peaks at 2.4 GB instead of 7.8 GB). Off: faster where memory is plentiful.
@@ -138,75 +134,6 @@ class DiffusionStageSettings(StageSettings):
 
 
 @dataclass(frozen=True)
-class SegmentationSettings:
-    """Counterfactual synthesis and residual -> lesion mask (participant level and calibration)."""
-
-    # Measured with patched noising (docs/benchmarks.md, "Patched noising"): 0.8 alone matches the
-    # average of 0.6, 0.8 and 1.0 at a third of the cost (whole-region noising preferred 0.5, 0.65, 0.8).
-    strengths: tuple[float, ...] = (0.8,)
-    n_samples: int = 1
-    # One step: the clean latent read off the noised one (DDIM's x0 prediction). Measured on the
-    # demo-budget model (docs/benchmarks.md, "Counterfactual cost"): mean Dice 0.25 over 9 lesion
-    # images against 0.22 with 10 steps and 0.19 with the seed's 300-step DDPM, at 1/10 and 1/195
-    # of their UNet evaluations. A better-trained model may prefer more steps: rerun the benchmark.
-    steps: int = 1
-    sampler: str = "ddim"
-    eta: float = 0.0
-    max_latent_voxels: int | None = None
-    median_size: int = 3
-    polarity: str = "auto"  # measured: counting only brighter residuals on T2w triples the oracle Dice
-    # "both": the residual is the agreement of the transferred counterfactual and the raw decoding
-    # (segmentation.residuals.agreement_residual; measured oracle Dice 0.55 -> 0.64); "reconstruction":
-    # the transferred one alone; "image": the raw decoding alone.
-    reference: str = "both"
-    window_overlap: float = 0.5
-    edit_region: str = "cord"
-    # "patch": each latent patch of the edit region is noised on its own, the rest kept clean (needs a
-    # UNet trained with training.diffusion.patch_fraction > 0); "region": the whole edit region at once.
-    noising: str = "patch"
-    patch_size: tuple[int, int, int] = (2, 2, 2)  # latent voxels
-    patch_period: int = 3  # patches of one chain lie this many patches apart
-    patch_offsets: int = 2  # shifted patch grids averaged
-    cord_margin_mm: float = 0.0  # measured: bright CSF next to the cord dominates a dilated region
-    # Lesions are found only deeper than this below the cord's surface (and the field of view's ends),
-    # then grow over the whole cord (segmentation.residuals.detection_region). Measured on the
-    # demo-budget model (docs/benchmarks.md, "Residual on the native grid"): every healthy image's
-    # largest residual lay in the outermost voxel layer; median Dice 0.68 -> 0.76 at 1 mm.
-    detection_inset_mm: float = 1.0
-    min_lesion_mm3: float = 5.0
-    majority_smoothing: bool = False
-    calibration_quantile: float = 0.999
-    # "voxels": the quantile only; "images": also raised to the threshold at which a new healthy image
-    # has a lesion (after the size filter) with probability calibration_image_fpr, predicted from the
-    # calibration images' lesion-free thresholds (segmentation.calibration.image_bound; None: their
-    # maximum). Measured on the demo-budget model (docs/benchmarks.md, "Image-level calibration"): the
-    # voxel quantile gave 7-9 of 12 unseen healthy images a false positive; "images" at 0.1 gave 8-10 %.
-    # Since the residual is taken on the native grid, many healthy images have no candidate at all and
-    # a few a high one (a skewed, zero-heavy distribution the normal bound underestimates): resampled
-    # over calibration sets of 8, a nominal 10 % gave 14-15 % of new healthy images a false positive,
-    # 5 % gave 6-9 % ("Residual on the native grid"); hence 5 %, to keep within 1 in 10.
-    calibration_rule: str = "images"
-    calibration_image_fpr: float | None = 0.05
-    # Hysteresis: a lesion found at the threshold grows over its connected voxels above this healthy
-    # quantile of the map it grows over (None: no growth), the residual median-filtered with
-    # grow_median_size (1: unsmoothed; the filter that keeps healthy specks from being found also
-    # rounds off lesion edges). Measured on the demo-budget model (docs/benchmarks.md, "Hysteresis",
-    # "Growing over the unsmoothed residual"): at a threshold with 1 of 10 healthy images given a false
-    # positive, mean Dice 0.47 growing to 0.99 on the filtered map, 0.58 to 0.995 on the unsmoothed one.
-    grow_quantile: float | None = 0.995
-    grow_median_size: int = 1
-    threshold: float | None = None
-    strength_sweep: tuple[float, ...] = ()
-    use_adapter: bool = True
-    adapter_scale: float = 1.0
-    overwrite: bool = False
-    # Fast path (docs/benchmarks.md "Counterfactual cost"): chains per UNet forward; autocast on CUDA.
-    batch_size: int = 16
-    precision: str = "auto"
-    compile: bool = False
-
-
-@dataclass(frozen=True)
 class TrainingSettings:
     """Which stages run and how; a finished stage is skipped unless ``retrain``."""
 
@@ -230,13 +157,22 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class ComputeSettings:
-    """Where and how hard to compute."""
+class ComputeSettings(Checked):
+    """Where and how hard to compute; none of these changes a result beyond float rounding, but the seed."""
+
+    SECTION: ClassVar[str] = "compute"
 
     device: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None
-    seed: int = 0
+    seed: int = setting(0, "random seed of every stochastic step")
+    inference_batch_size: int = setting(16, "denoising chains (windows x strengths x samples x patch sets) per "
+                                        "UNet forward; lower it if the GPU runs out of memory, results do not "
+                                        "change", rule=at_least(1))
+    precision: str = setting("auto", "inference autocast on CUDA (auto: bf16 where supported); the CPU always "
+                             "computes in fp32", choices=PRECISIONS)
+    max_latent_voxels: int | None = setting(None, "decode in tiles of at most this many latent voxels (bounds "
+                                            "the decoder's memory)", rule=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -254,6 +190,7 @@ class RunSettings:
     preset: str = "default"
     dry_run: bool = False
     report_only: bool = False
+    overwrite: bool = False
     verbosity: int = 0
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
@@ -330,7 +267,7 @@ def build_settings(overrides: Mapping[str, Any]) -> RunSettings:
     preset = overrides.get("preset", "default")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = merge_overrides(PRESETS[preset], overrides)
+    values = merge_overrides(PRESETS[preset], migrate(overrides))
     output_dir = Path(values["output_dir"])
     values.setdefault("work_dir", output_dir / "work")
     values.setdefault("model_dir", output_dir / "models")
@@ -338,14 +275,14 @@ def build_settings(overrides: Mapping[str, Any]) -> RunSettings:
         values["work_dir"] = output_dir / "work"
     if values.get("model_dir") is None:
         values["model_dir"] = output_dir / "models"
-    settings = _build_dataclass(RunSettings, values, "")
+    settings = build_dataclass(RunSettings, values, "")
     _check(settings)
     return settings
 
 
 def settings_to_dict(settings: Any) -> dict[str, Any]:
     """JSON-ready nested dict of a settings dataclass (Paths as strings, tuples as lists)."""
-    return _to_jsonable(dataclasses.asdict(settings))
+    return to_jsonable(dataclasses.asdict(settings))
 
 
 def _check(settings: RunSettings) -> None:
@@ -368,15 +305,11 @@ def _check(settings: RunSettings) -> None:
         if config.batch_size < 1 or config.accumulation_steps < 1 or config.batch_size % config.accumulation_steps:
             raise UsageError(f"training.{stage}: batch_size ({config.batch_size}) must be a positive multiple of "
                              f"accumulation_steps ({config.accumulation_steps})")
-    vqgan, diffusion = settings.training.vqgan, settings.training.diffusion
+    diffusion = settings.training.diffusion
     if not 0 <= diffusion.patch_fraction <= 1:
         raise UsageError(f"training.diffusion.patch_fraction must be in [0, 1], got {diffusion.patch_fraction}")
     if diffusion.augmentation not in ("full", "flip"):
         raise UsageError(f"training.diffusion.augmentation must be full or flip, got {diffusion.augmentation!r}")
-    if vqgan.lr_schedule not in ("constant", "cosine"):
-        raise UsageError(f"training.vqgan.lr_schedule must be constant or cosine, got {vqgan.lr_schedule!r}")
-    if vqgan.cord_weight < 0:
-        raise UsageError(f"training.vqgan.cord_weight must be >= 0, got {vqgan.cord_weight!r}")
     if diffusion.lr_schedule not in ("constant", "cosine"):
         raise UsageError(f"training.diffusion.lr_schedule must be constant or cosine, got {diffusion.lr_schedule!r}")
     if diffusion.latent_pool_epochs < 0:
@@ -386,126 +319,8 @@ def _check(settings: RunSettings) -> None:
     unknown = sorted(set(settings.training.stages) - set(TRAINING_STAGES))
     if unknown:
         raise UsageError(f"unknown training stage {unknown[0]!r}; choose from {', '.join(TRAINING_STAGES)}")
-    seg = settings.segmentation
-    if not seg.strengths or any(not 0 <= v <= 1 for v in (*seg.strengths, *seg.strength_sweep)):
-        raise UsageError(f"strengths must lie in [0, 1], got {list(seg.strengths) + list(seg.strength_sweep)}")
-    if seg.sampler not in ("ddim", "ddpm"):
-        raise UsageError(f"--sampler must be ddim or ddpm, got {seg.sampler!r}")
-    if seg.n_samples < 1 or seg.steps < 1:
-        raise UsageError("--n-samples and --steps must be at least 1")
-    if seg.polarity not in ("auto", "bright", "dark", "both"):
-        raise UsageError(f"--polarity must be auto, bright, dark or both, got {seg.polarity!r}")
-    if seg.reference not in ("reconstruction", "image", "both"):
-        raise UsageError(f"segmentation.reference must be reconstruction, image or both, got {seg.reference!r}")
-    if seg.noising not in ("patch", "region"):
-        raise UsageError(f"--noising must be patch or region, got {seg.noising!r}")
-    if len(seg.patch_size) != 3 or min(seg.patch_size) < 1 or seg.patch_period < 1 or seg.patch_offsets < 1:
-        raise UsageError(f"segmentation.patch_size needs 3 positive sizes and patch_period, patch_offsets must be at "
-                         f"least 1, got {list(seg.patch_size)}, {seg.patch_period}, {seg.patch_offsets}")
-    if seg.edit_region not in ("cord", "all"):
-        raise UsageError(f"segmentation.edit_region must be cord or all, got {seg.edit_region!r}")
-    if not 0 <= seg.window_overlap < 1:
-        raise UsageError(f"segmentation.window_overlap must be in [0, 1), got {seg.window_overlap}")
-    if seg.batch_size < 1:
-        raise UsageError(f"--inference-batch-size must be at least 1, got {seg.batch_size}")
-    if seg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, got {seg.precision!r}")
-    if seg.calibration_rule not in ("voxels", "images"):
-        raise UsageError(f"segmentation.calibration_rule must be voxels or images, got {seg.calibration_rule!r}")
-    if seg.calibration_image_fpr is not None and not 0 < seg.calibration_image_fpr < 0.5:
-        raise UsageError("segmentation.calibration_image_fpr must be in (0, 0.5) or null, got "
-                         f"{seg.calibration_image_fpr}")
-    if not 0.5 < seg.calibration_quantile < 1:
-        raise UsageError(f"segmentation.calibration_quantile must be in (0.5, 1), got {seg.calibration_quantile}")
-    if isinstance(seg.grow_median_size, bool) or not isinstance(seg.grow_median_size, int) or seg.grow_median_size < 1:
-        raise UsageError(f"segmentation.grow_median_size must be an integer >= 1, got {seg.grow_median_size!r}")
-    if seg.grow_quantile is not None and not 0 < seg.grow_quantile < 1:
-        raise UsageError(f"segmentation.grow_quantile must be in (0, 1) or null, got {seg.grow_quantile}")
-    if not (isinstance(seg.detection_inset_mm, (int, float)) and 0 <= seg.detection_inset_mm < float("inf")):
-        raise UsageError(f"segmentation.detection_inset_mm must be a finite number >= 0, got {seg.detection_inset_mm!r}")
     if not settings.selection.contrasts:
         raise UsageError("--contrast needs at least one suffix")
-
-
-def _build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UsageError(
-            f"unknown setting {where}{unknown[0]!r}; known settings here: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise UsageError(f"bad settings for {where or 'run'}: {exc}") from exc
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Convert a JSON/YAML/CLI value to the annotated type, or raise a UsageError naming the setting."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if dataclasses.is_dataclass(hint):
-        if dataclasses.is_dataclass(value):
-            return value
-        if not isinstance(value, Mapping):
-            raise UsageError(f"setting {where!r} must be a mapping")
-        return _build_dataclass(hint, value, f"{where}.")
-    if origin is tuple:
-        if isinstance(value, (str, Path)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise UsageError(f"setting {where!r} must be a list")
-        return tuple(_coerce(args[0], item, where) for item in value)
-    if origin is not None and origin.__name__ == "Mapping" or hint is dict:
-        if not isinstance(value, Mapping):
-            raise UsageError(f"setting {where!r} must be a mapping")
-        return dict(value)
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise UsageError(f"setting {where!r} must be a path")
-        return Path(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UsageError(f"setting {where!r} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            try:
-                return int(str(value))
-            except ValueError:
-                raise UsageError(f"setting {where!r} must be an integer, got {value!r}") from None
-        return value
-    if hint is float:
-        if isinstance(value, bool):
-            raise UsageError(f"setting {where!r} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"setting {where!r} must be a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise UsageError(f"setting {where!r} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _to_jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,229 @@
+"""How a setting is declared once: its default, its help, its validation and whether the
+calibration depends on it, all on the dataclass field (``setting(...)``).
+
+Everything that lists settings (the CLI's help and choices, the calibration identity, the sidecar
+descriptions, the validation) reads these declarations instead of repeating them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import Field, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+from bids_app.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A validity check and the words that describe it (``"in [0, 1]"``)."""
+
+    test: Callable[[Any], bool]
+    words: str
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A number (or every number of a tuple) in the interval."""
+    def inside(x: Any) -> bool:
+        return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (x > low if low_open else x >= low) and (x < high if high_open else x <= high))
+    words = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Rule(lambda v: all(inside(x) for x in v) if isinstance(v, tuple) else inside(v), words)
+
+
+def at_least(low: float) -> Rule:
+    """A finite number (or every number of a tuple) >= low."""
+    return between(low, math.inf, high_open=True) if low != 0 else Rule(
+        lambda v: all(_finite_at_least(x, 0) for x in v) if isinstance(v, tuple) else _finite_at_least(v, 0),
+        "a finite number >= 0")
+
+
+def _finite_at_least(x: Any, low: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= low
+
+
+def count(n: int, low: int = 1) -> Rule:
+    """A tuple of exactly ``n`` integers, each >= low."""
+    return Rule(lambda v: isinstance(v, tuple) and len(v) == n and all(isinstance(x, int) and x >= low for x in v),
+                f"{n} integers >= {low}")
+
+
+def non_empty(rule: Rule) -> Rule:
+    """A non-empty tuple whose values pass ``rule``."""
+    return Rule(lambda v: isinstance(v, tuple) and len(v) > 0 and rule.test(v), f"one or more values {rule.words}")
+
+
+def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, rule: Rule | None = None,
+            calibrated: bool = False, sidecar: str | None = None) -> Any:
+    """A dataclass field with everything else the app needs to know about it.
+
+    ``calibrated``: the calibrated threshold holds only for this value (part of the calibration's
+    identity and of every output's sidecar). ``sidecar``: the sidecar key (default: CamelCase).
+    ``None`` is always valid where the default is None.
+    """
+    metadata = {"help": help, "choices": choices, "rule": rule, "calibrated": calibrated, "sidecar": sidecar}
+    return field(default=default, metadata=metadata)
+
+
+class Checked:
+    """Base of a settings section: validates every declared field on construction, naming it by
+    ``SECTION`` (``segmentation.counterfactual.strengths must be ...``)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.SECTION)
+
+
+def field_at(cls: type, path: str) -> Field:
+    """The declaration of the setting at a dotted path below ``cls`` (``segmentation.residual.polarity``)."""
+    *sections, name = path.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return declared(cls)[name]
+
+
+def help_text(f: Field) -> str:
+    """The field's help with its default, for ``--help``."""
+    default = f.default
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+        if isinstance(default, tuple) else ("off" if default is None else default)
+    return f"{f.metadata['help']} (default: {shown})"
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """Validate every declared field of a settings dataclass; UsageError (64) names the setting."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        choices, rule = f.metadata.get("choices"), f.metadata.get("rule")
+        if value is None and f.default is None:
+            continue
+        if choices is not None and value not in choices:
+            raise UsageError(f"{where}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        if rule is not None and not rule.test(value):
+            raise UsageError(f"{where}.{f.name} must be {rule.words}, got {_shown(value)}")
+
+
+def declared(cls: type) -> dict[str, Field]:
+    """The fields of a settings dataclass, by name."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def calibrated_values(obj: Any) -> dict[str, Any]:
+    """The ``calibrated`` fields of a settings tree, nested by section (JSON-ready)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            inner = calibrated_values(value)
+            if inner:
+                values[f.name] = inner
+        elif f.metadata.get("calibrated"):
+            values[f.name] = to_jsonable(value)
+    return values
+
+
+def sidecar_values(obj: Any) -> dict[str, Any]:
+    """The ``calibrated`` fields of a settings tree under their sidecar keys (flat, CamelCase)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            values.update(sidecar_values(value))
+        elif f.metadata.get("calibrated"):
+            values[f.metadata.get("sidecar") or camel_case(f.name)] = to_jsonable(value)
+    return values
+
+
+def camel_case(name: str) -> str:
+    """``detection_inset_mm`` -> ``DetectionInsetMM``."""
+    return "".join(part.upper() if part in ("mm", "mm3") else part.capitalize() for part in name.split("_"))
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls`` from a nested dict of JSON/YAML/CLI values; unknown keys and bad types are refused."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"unknown setting {where}{unknown[0]!r}; known settings here: {', '.join(sorted(names))}")
+    kwargs = {name: coerce(hints[name], value, f"{where}{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"bad settings for {where or 'run'}: {exc}") from exc
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert a JSON/YAML/CLI value to the annotated type, or raise a UsageError naming the setting."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise UsageError(f"setting {where!r} must be a mapping")
+        return build_dataclass(hint, value, f"{where}.")
+    if origin is tuple:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"setting {where!r} must be a list")
+        return tuple(coerce(args[0], item, where) for item in value)
+    if origin is not None and origin.__name__ == "Mapping" or hint is dict:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"setting {where!r} must be a mapping")
+        return dict(value)
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: Any, value: Any, where: str) -> Any:
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise UsageError(f"setting {where!r} must be a path")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"setting {where!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise UsageError(f"setting {where!r} must be an integer, got {value!r}") from None
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise UsageError(f"setting {where!r} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"setting {where!r} must be a number, got {value!r}") from None
+    if hint is str and not isinstance(value, str):
+        raise UsageError(f"setting {where!r} must be a string, got {value!r}")
+    return value
+
+
+def to_jsonable(value: Any) -> Any:
+    """Paths as strings, tuples as lists, recursively."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
