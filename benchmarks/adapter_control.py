@@ -7,8 +7,8 @@
    by a simple threshold of the phantom intensities (the cord is the dark interior enclosed by the
    bright CSF ring on T2w: voxels below the CSF threshold inside the filled ring, slice by slice)
    and report its Dice with the control mask.
-2. Fidelity: the mean healthy in-cord residual of counterfactuals (strength 0.5) on the held-out
-   healthy participants, with and without the adapter.
+2. Fidelity: the mean healthy in-cord residual of the app's counterfactuals (its pipeline and
+   counterfactual settings) on the held-out healthy participants, with and without the adapter.
 """
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout  # noqa: E402
 from bids_app.model_store import load_trained_models  # noqa: E402
-from bids_app.pipelines.counterfactual import CounterfactualSettings, counterfactuals, decode, make_scheduler  # noqa: E402
+from bids_app.pipelines.batching import decode  # noqa: E402
+from bids_app.pipelines.counterfactual import CounterfactualPipeline  # noqa: E402
 from bids_app.preprocessing.pipeline import preprocess  # noqa: E402
-from bids_app.schedulers import denoise, draw_noise  # noqa: E402
+from bids_app.schedulers import DDIMScheduler, denoise, draw_noise  # noqa: E402
 from bids_app.segmentation.metrics import dice  # noqa: E402
-from bids_app.settings import SelectionSettings  # noqa: E402
+from bids_app.settings import ComputeSettings, SelectionSettings  # noqa: E402
+from bids_app.settings.segmentation import CounterfactualSettings  # noqa: E402
 
 
 def cord_from_intensities(volume: np.ndarray) -> np.ndarray:
@@ -45,7 +47,7 @@ def cord_from_intensities(volume: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def sample(models, shape, features, steps: int, seed: int) -> np.ndarray:
     generator = torch.Generator().manual_seed(seed)
-    scheduler = make_scheduler(models.scheduler_config, "ddim")
+    scheduler = DDIMScheduler(models.scheduler_config)
     scheduler.set_timesteps(steps)
     noise = draw_noise(torch.empty(shape), generator)
     fn = (lambda z, t: models.unet(z, t, features)) if features is not None else (lambda z, t: models.unet(z, t))
@@ -67,6 +69,8 @@ def main() -> int:
                              find_derivative_datasets(args.bids_dir))
     healthy = [r for r in records if r.lesion_mask is None and r.cord_mask is not None]
     validation = {p.removeprefix("sub-") for p in models.card["validation_participants"]}
+    pipeline = CounterfactualPipeline.from_models(models, "cpu", ComputeSettings())
+    settings = {"with": CounterfactualSettings(), "without": CounterfactualSettings(adapter_scale=0.0)}
     control, fidelity = {"with": [], "without": []}, {"with": [], "without": []}
     for index, record in enumerate(healthy):
         pre = preprocess(record.image, models.plan, {"cord": record.cord_mask})  # the default control
@@ -78,9 +82,8 @@ def main() -> int:
             generated = sample(models, latent_shape, feats, args.steps, seed=index)
             control[key].append(dice(cord_from_intensities(generated), cord))
         if record.subject in validation:
-            for key, feats in (("with", features), ("without", None)):
-                cf = counterfactuals(models.vqgan, models.unet, models.scheduler_config, models.latent_scale, pre.image,
-                                     CounterfactualSettings(strengths=(0.5,), steps=args.steps), "cpu", feats)[0]
+            for key, cf_settings in settings.items():
+                cf = pipeline(pre.image, cf_settings, index, editable=cord, control=cord)[0]
                 fidelity[key].append(float(np.abs(pre.image - cf.image)[cord].mean()))
     report = {"control_dice": {k: [round(v, 4) for v in vals] for k, vals in control.items()},
               "median_control_dice": {k: float(np.median(v)) for k, v in control.items()},

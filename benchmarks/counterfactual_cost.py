@@ -1,29 +1,25 @@
-"""Cost of one counterfactual per image against the lesion Dice it reaches: the speed/quality curve.
+"""Cost of the counterfactual per image, and the lesion Dice it reaches, batched and unbatched.
 
     python benchmarks/counterfactual_cost.py BIDS_DIR MODEL_DIR [--methods ...] [--out counterfactual_cost.json]
     python benchmarks/counterfactual_cost.py --random-weights --preset default --shape 16 64 64
 
 With a trained model (first form) every method runs the participant level's own procedure
-(``native_residual``: whole cord in sliding windows, edit transfer, cord-only regeneration, the
-app's strengths, T2I-Adapter when the model has one) on the model's healthy validation images and
-on the lesion images of BIDS_DIR. Each method is calibrated like the app (0.999 quantile of its
-own healthy in-cord residuals) and scored with the app's Dice at that threshold. Methods:
+(:func:`bids_app.pipelines.segment.native_residual` with the app's segmentation settings) on the
+model's healthy validation images and on the lesion images of BIDS_DIR; each is calibrated like
+the app and scored with the app's Dice at that threshold. Methods:
 
-- ``seed-ddpm-300``: the seed's procedure: DDPM ancestral sampling on a chain of T = 300
-  respaced steps, from t0 = s T down (so 300 s UNet evaluations per strength and window);
-- ``ddim-N``: DDIM with N respaced steps below the strength (the app's default: N = 10);
-- ``x0-readout``: one DDIM step, i.e. the clean latent read off the noised one in one evaluation;
-- ``ddim-10-unbatched``: the default, one chain per UNet forward (the path before batching).
+- ``batched``: the app (``compute.inference_batch_size`` chains per UNet forward);
+- ``unbatched``: one chain per UNet forward (the same result, the path before batching).
 
 The second form times the same methods on random weights (cost does not depend on training) for
-one volume of ``--shape`` at a preset's model size: the issue's reference point is a 16x64x64
-image at strength 0.4 with the seed's 10 M-parameter UNet (46 s, 120 evaluations, on 2 cores).
+one volume of ``--shape`` at a preset's model size.
 
 Each method runs in a fresh subprocess; peak memory (``benchmarks.measurement.PeakMemory``) is
 ``cuda.max_memory_allocated`` on CUDA, on CPU the resident-set growth over the loaded models
-during the timed images. Times are medians over the
-images after one warm-up image; UNet evaluations count one per chain and step (a batched forward
-of 9 chains counts 9), forwards count the calls.
+during the timed images. Times are medians over the images after one warm-up image; UNet
+evaluations count one per chain and step (a batched forward of 9 chains counts 9), forwards count
+the calls. The step-count and sampler variants measured before the app settled on its one-step
+read-out are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -44,20 +40,17 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.measurement import PeakMemory, machine_info, synchronize  # noqa: E402
 
-METHODS = ("seed-ddpm-300", "ddim-50", "ddim-20", "ddim-10", "ddim-5", "x0-readout", "ddim-10-unbatched")
-SEED_CHAIN = 300
+METHODS = ("batched", "unbatched")
 
 
-def method_settings(method: str, base: Any) -> Any:
-    """The counterfactual settings of ``method`` (every strength of ``base`` at once, as the app)."""
-    if method == "seed-ddpm-300":
-        return dataclasses.replace(base, sampler="ddpm", chain_steps=SEED_CHAIN)
-    if method == "x0-readout":
-        return dataclasses.replace(base, sampler="ddim", steps=1)
-    if method == "ddim-10-unbatched":
-        return dataclasses.replace(base, sampler="ddim", steps=10, batch_size=1)
-    if method.startswith("ddim-"):
-        return dataclasses.replace(base, sampler="ddim", steps=int(method.split("-")[1]))
+def method_compute(method: str) -> Any:
+    """The compute settings of ``method``: the app's, or one chain per UNet forward."""
+    from bids_app.settings import ComputeSettings
+
+    if method == "batched":
+        return ComputeSettings()
+    if method == "unbatched":
+        return ComputeSettings(inference_batch_size=1)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -85,32 +78,29 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
 
     from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout
     from bids_app.model_store import load_trained_models
-    from bids_app.participant import _truth
-    from bids_app.pipelines import segment
+    from bids_app.participant import _truth, image_input
+    from bids_app.pipelines.counterfactual import CounterfactualPipeline
+    from bids_app.pipelines.segment import native_residual
     from bids_app.segmentation.calibration import calibrate
-    from bids_app.segmentation.lesions import lesion_mask
+    from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask
     from bids_app.segmentation.metrics import best_dice_over_thresholds, dice
-    from bids_app.settings import SegmentationSettings, SelectionSettings
+    from bids_app.settings import SelectionSettings
 
-    seg = SegmentationSettings(strengths=tuple(args.strength), n_samples=args.n_samples, compile=args.compile)
-    models = segment.inference_models(load_trained_models(args.model_dir, args.device), seg)
+    seg = strength_settings(args)
+    models = load_trained_models(args.model_dir, args.device)
     counter = CountingUNet(models.unet)
-    models = dataclasses.replace(models, unet=counter)
+    pipeline = CounterfactualPipeline.from_models(dataclasses.replace(models, unet=counter), args.device,
+                                                  method_compute(args.child))
     validation = {p.removeprefix("sub-") for p in models.card["validation_participants"]}
     records = collect_images(args.bids_dir, SelectionSettings(), load_layout(args.bids_dir),
                              find_derivative_datasets(args.bids_dir))
     healthy = [r for r in records if r.subject in validation]
     lesioned = [r for r in records if r.lesion_mask is not None][: args.max_lesion_images]
-    base = segment.counterfactual_settings(seg, args.seed)
-    adapter = segment.adapter_for(models, seg)
-    settings = method_settings(args.child, base)
 
     def residual(record) -> tuple[Any, float, int]:
-        """The method's native residual (the participant level's procedure), seconds, evaluations."""
+        """The native residual (the participant level's procedure), seconds, evaluations."""
         before, started = counter.evaluations, time.perf_counter()
-        result = segment.native_residual(record.image, record.cord_mask, record.relpath, models, settings,
-                                         segment.residual_settings(seg, record.image), args.device, adapter,
-                                         record.control_mask)
+        result = native_residual(pipeline, models.plan, image_input(record), seg, args.seed)
         synchronize(args.device)
         return result, time.perf_counter() - started, counter.evaluations - before
 
@@ -124,18 +114,22 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
         per_image.append({"image": record.relpath, "seconds": seconds, "unet_evaluations": evaluations,
                           "result": result, "record": record})
     peak_bytes = memory.stop()["peak_bytes"]
-    calibration = calibrate([p["result"].residual for p in per_image[: len(healthy)]],
-                            [p["result"].region for p in per_image[: len(healthy)]])
+    calibrating = [p["result"] for p in per_image[: len(healthy)]]
+    min_volume = seg.lesions.min_lesion_mm3
+    calibration = calibrate([r.residual for r in calibrating], [r.detection_region for r in calibrating],
+                            seg.calibration.quantile, image_fpr=seg.calibration.image_fpr,
+                            lesion_free=[lesion_free_threshold(r.residual, r.detection_region, r.spacing_mm,
+                                                               min_volume) for r in calibrating])
     dices, oracles = [], []
     for p in per_image[len(healthy):]:
         result, record = p["result"], p["record"]
-        mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm,
-                           seg.min_lesion_mm3, seg.majority_smoothing)
+        mask = lesion_mask(result.residual, result.region, calibration.threshold, result.spacing_mm, min_volume,
+                           detection_region=result.detection_region)
         truth = _truth(record, mask.shape)
         dices.append(dice(mask.astype(bool), truth))
         oracles.append(best_dice_over_thresholds(result.residual, truth, result.region)["oracle_best_dice"])
     return {
-        "method": args.child, "strengths": list(seg.strengths), "threshold": calibration.threshold,
+        "method": args.child, "strengths": list(seg.counterfactual.strengths), "threshold": calibration.threshold,
         "window_shape": list(models.plan.target_shape),
         "model_space_shapes": [list(p["result"].preprocessed.image.shape) for p in per_image],
         "median_seconds_per_image": statistics.median(p["seconds"] for p in per_image),
@@ -149,6 +143,15 @@ def run_trained(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def strength_settings(args: argparse.Namespace) -> Any:
+    """The app's segmentation settings at ``--strength`` and ``--n-samples``."""
+    from bids_app.settings.segmentation import SegmentationSettings
+
+    seg = SegmentationSettings()
+    return dataclasses.replace(seg, counterfactual=dataclasses.replace(
+        seg.counterfactual, strengths=tuple(args.strength), n_samples=args.n_samples))
+
+
 def run_random(args: argparse.Namespace) -> dict[str, Any]:
     """Child: one method on one random volume of ``--shape``, random weights of ``--preset``."""
     import numpy as np
@@ -156,22 +159,23 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
 
     from bids_app.models.unet3d import UNET_PRESETS, UNet3D
     from bids_app.models.vqgan import PRESETS, VQGAN
-    from bids_app.pipelines.counterfactual import CounterfactualSettings, Window, batch_counterfactuals, prepare_for_inference
+    from bids_app.pipelines.counterfactual import CounterfactualPipeline
     from bids_app.schedulers import SchedulerConfig
 
     torch.manual_seed(0)
     vqgan = VQGAN(PRESETS[args.preset]()).to(args.device)
     unet = UNet3D(UNET_PRESETS[args.preset](vqgan.config.embedding_dim)).to(args.device)
-    prepare_for_inference(vqgan, unet)
     counter = CountingUNet(unet)
     image = np.random.default_rng(0).uniform(-1, 1, size=tuple(args.shape)).astype(np.float32)
-    editable = np.ones(image.shape, bool)
-    settings = method_settings(args.child, CounterfactualSettings(strengths=tuple(args.strength), seed=args.seed,
-                                                                  n_samples=args.n_samples))
-    schedule = SchedulerConfig(prediction_type="v_prediction")
+    compute = method_compute(args.child)
+    pipeline = CounterfactualPipeline(vqgan, counter, SchedulerConfig(prediction_type="v_prediction"), 1.0,
+                                      window_shape=image.shape, device=args.device,
+                                      batch_size=compute.inference_batch_size)
+    settings = strength_settings(args).counterfactual
+
     def once() -> tuple[float, int]:
         before, started = counter.evaluations, time.perf_counter()
-        batch_counterfactuals(vqgan, counter, schedule, 1.0, [Window(image, None, editable)], settings, args.device)
+        pipeline(image, settings, args.seed)
         synchronize(args.device)
         return time.perf_counter() - started, counter.evaluations - before
 
@@ -211,7 +215,6 @@ def main() -> int:
     parser.add_argument("--strength", type=float, nargs="+", default=None,
                         help="default: the app's strengths (trained model), 0.4 (random weights, the seed's)")
     parser.add_argument("--n-samples", type=int, default=1, help="noise draws per strength (averaged)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the app's --compile)")
     parser.add_argument("--random-weights", action="store_true", help="time one random volume instead")
     parser.add_argument("--preset", default="default", choices=("tiny", "default"))
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 64, 64])
@@ -223,9 +226,9 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.strength is None:
-        from bids_app.settings import SegmentationSettings
+        from bids_app.settings.segmentation import CounterfactualSettings
 
-        args.strength = [0.4] if args.random_weights else list(SegmentationSettings().strengths)
+        args.strength = [0.4] if args.random_weights else list(CounterfactualSettings().strengths)
     if not args.random_weights and (args.bids_dir is None or args.model_dir is None):
         parser.error("BIDS_DIR and MODEL_DIR are needed unless --random-weights")
     if args.child:
@@ -246,7 +249,7 @@ def main() -> int:
     print(json.dumps(report["machine"]))
     shapes = {key: rows[0][key] for key in ("window_shape", "model_space_shapes", "shape", "preset") if key in rows[0]}
     print(json.dumps(shapes))
-    print(table(rows, "seed-ddpm-300"))
+    print(table(rows, "unbatched"))
     return 0
 
 

@@ -143,6 +143,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, pipeline: Counterf
         "ResidualPolarity": result.polarity,
         "Threshold": calibration.threshold,
         "ThresholdSource": calibration.source,
+        "CalibrationRule": calibration.rule,
         "CalibrationImages": calibration.n_images,
         **({"CalibrationImageFPR": calibration.image_fpr} if calibration.image_fpr is not None else {}),
         **({"GrowThreshold": grow, "GrowQuantile": seg.lesions.grow_quantile} if grow is not None else {}),

@@ -34,7 +34,7 @@ RUN_FLAGS=(--preset tiny --seed 0 --omp-nthreads 1 --device cpu)
 TINY_CONFIG='{"training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 2},
                            "diffusion": {"max_steps": 4, "figure_every": 2},
                            "adapter": {"max_steps": 2}},
-              "segmentation": {"steps": 2}}'
+              "segmentation": {"counterfactual": {"strengths": [0.5]}}}'
 
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do

@@ -56,7 +56,7 @@ TINY_TRAINING = {
     "training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 2},
                  "diffusion": {"max_steps": 4, "figure_every": 2},
                  "adapter": {"max_steps": 2}},
-    "segmentation": {"steps": 1, "strengths": [0.5]},  # one strength, one step: patched noising runs 54 chains a window
+    "segmentation": {"counterfactual": {"strengths": [0.5]}},  # one strength: patched noising runs 54 chains a window
 }
 
 
@@ -77,8 +77,8 @@ def tiny_model(simple_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def participant_args(model_dir: Path) -> list[str]:
-    """Participant-level flags that use the tiny test model with few denoising steps."""
-    return ["--model-dir", str(model_dir), "--steps", "1", "--strength", "0.5"]
+    """Participant-level flags that use the tiny test model at the strength it was calibrated for."""
+    return ["--model-dir", str(model_dir), "--strength", "0.5"]
 
 
 @pytest.fixture

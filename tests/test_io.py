@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from bids_app import io as file_io

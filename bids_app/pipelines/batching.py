@@ -26,8 +26,8 @@ def decode(vqgan: torch.nn.Module, latent: torch.Tensor, scale: float, max_laten
 
 
 def prepare_for_inference(*modules: torch.nn.Module | None) -> None:
-    """Evaluation mode, and channels-last 3D weights on CPU (measured 2.4x faster for a batch of
-    nine tiny-UNet forwards on 2 cores; on CUDA the layout is left alone, as it is unmeasured)."""
+    """Evaluation mode, and channels-last 3D weights on CPU (faster there, docs/benchmarks.md; on
+    CUDA the layout is left alone, as it is unmeasured)."""
     for module in modules:
         if module is None:
             continue
@@ -50,10 +50,8 @@ def avoid_single_batch(fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest: 
     """``fn(x, *rest)``; a single CPU volume whose main layers would take torch's slow path runs as
     two copies (the first kept).
 
-    ``width`` is C*D*H of the model's full-resolution layers for one sample (where its cost is).
-    Measured on 2 cores: a 16x64x64 one-window counterfactual with the tiny models took 1.5 s alone,
-    96% of it in ``slow_conv3d``, and 0.18 s as pairs; the default VQ-GAN (64 channels at full
-    resolution) is past the limit and would only pay twice. Per-sample tensors in ``rest``
+    ``width`` is C*D*H of the model's full-resolution layers for one sample (where its cost is): a
+    model past the limit (the default VQ-GAN) would only pay twice. Per-sample tensors in ``rest``
     (timesteps, lists of adapter features) are doubled alike.
     """
     if x.device.type != "cpu" or x.shape[0] != 1 or width > SLOW_CONV_LIMIT:
@@ -64,7 +62,7 @@ def avoid_single_batch(fn: Callable[..., torch.Tensor], x: torch.Tensor, *rest: 
 
 
 def batched(tensors: Sequence[torch.Tensor], size: int, fn: Callable[[torch.Tensor], torch.Tensor],
-             width: Callable[[torch.Tensor], int]) -> list[torch.Tensor]:
+            width: Callable[[torch.Tensor], int]) -> list[torch.Tensor]:
     """``fn`` over the tensors (batch 1 each) in concatenated batches of at most ``size``; split back.
     ``width(x)``: see :func:`avoid_single_batch`."""
     results: list[torch.Tensor] = []

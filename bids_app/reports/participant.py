@@ -159,8 +159,6 @@ def summary_rows(image: ImageOutputs, model: Mapping[str, Any]) -> list[tuple[st
          else "not grown"),
         ("noising strength(s)", sidecar.get("Strengths")),
         ("samples per strength", sidecar.get("Samples")),
-        ("denoising steps", sidecar.get("Steps")),
-        ("sampler", sidecar.get("Sampler")),
         ("seed", sidecar.get("Seed")),
         ("adapter", f"used, scale {html.fmt(sidecar.get('AdapterScale'))}" if adapter else
          ("not used" if adapter is not None else None)),

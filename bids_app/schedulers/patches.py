@@ -7,9 +7,7 @@ rest lets the real surroundings decide what healthy tissue belongs there, so mos
 fit them (a lesion) changes. The UNet learns this at training time: a fraction of its training
 samples are noised only inside a random box (``training.diffusion.patch_fraction``), with the loss
 on that box (patched diffusion, as in Behrendt et al. 2023, "Patched diffusion models for
-unsupervised anomaly detection in brain MRI"). Measured on the demo-budget model
-(docs/benchmarks.md, "Patched noising"): mean oracle Dice over phantom lesion images 0.40 -> 0.50
-(0.55 with a UNet fine-tuned for it).
+unsupervised anomaly detection in brain MRI"; docs/benchmarks.md, "Patched noising").
 
 Pure tensor functions: no weights, no schedules.
 """

@@ -2,8 +2,7 @@
 
 Counterfactuals at several strengths, noise samples and sliding windows are independent chains of
 one model. Run one after another, every reverse step is a batch-1 forward, which on CPU also falls
-off the fast convolution path (torch picks ``slow_conv3d`` for a batch of one; measured on 2 cores
-with the tiny UNet: 62 ms for one 16^3 latent, 103 ms for nine in one forward, channels-last).
+off the fast convolution path (torch picks ``slow_conv3d`` for a batch of one).
 :func:`denoise_chains` stacks the running chains into batches of at most ``max_batch``, calls the
 model once per batch and lets each chain's own scheduler step with its own generator, so every
 chain draws exactly the noise it would draw alone and the result equals separate runs up to the

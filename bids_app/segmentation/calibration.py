@@ -229,11 +229,8 @@ def image_bound(lesion_free: Sequence[float], image_fpr: float | None) -> float:
     Modelling these values as normal, the one-sided prediction bound for one more draw is
     ``mean + t(1 - fpr; n - 1) * sd * sqrt(1 + 1/n)`` (Student t, sample sd): it accounts for the
     mean and spread being estimated from ``n`` images, so it is wide for few images and tends to
-    the normal quantile for many. Measured on the demo-budget model (docs/benchmarks.md, "Image-level
-    calibration"), over random calibration sets of 2, 4 and 8 healthy images it gave unseen healthy
-    images a false positive 8.9 %, 10.3 % and 8.1 % of the time at ``fpr = 0.1``, where the
-    maximum of the calibration images gave 29 %, 20 % and 11 %. ``image_fpr=None``, or a single
-    image, gives that maximum.
+    the normal quantile for many (docs/benchmarks.md, "Image-level calibration"). ``image_fpr=None``,
+    or a single image, gives the calibration images' maximum.
     """
     values = np.asarray(lesion_free, dtype=np.float64).reshape(-1)
     if values.size == 0:
@@ -267,8 +264,7 @@ def calibrate(
     lesions.lesion_free_threshold`; the threshold is then raised, where it is lower, to
     :func:`image_bound` at ``image_fpr`` (None: their maximum, so that no calibration image gets a
     lesion after the size filter). The voxel quantile alone bounds healthy voxels, not healthy
-    images: measured, it left false-positive lesions in most unseen healthy images
-    (docs/benchmarks.md). ``quantile`` then records where the threshold sits in the healthy
+    images (docs/benchmarks.md). ``quantile`` then records where the threshold sits in the healthy
     distribution.
 
     ``grow_residuals``: per image, the map lesions grow over when it is not the thresholded one

@@ -64,8 +64,7 @@ def agreement_residual(image: np.ndarray, counterfactual: np.ndarray, decoded: n
     reconstruction error but only as sharp as the latent grid (a latent voxel is 4 image voxels
     a side); the raw one ``x - D(z)`` has the input's sharp lesion edges but also every
     reconstruction error. A voxel both call lesion-like keeps a high score, and each one's own
-    false alarms are damped by the other. Measured on the demo-budget model (docs/benchmarks.md,
-    "Agreement residual"): median oracle Dice over 9 lesion images 0.55 -> 0.64, AUPRC 0.50 -> 0.63.
+    false alarms are damped by the other (docs/benchmarks.md, "Agreement residual").
     """
     x = np.asarray(image, dtype=np.float64)
     transferred = x - np.asarray(counterfactual, dtype=np.float64)
@@ -195,9 +194,8 @@ def detection_region(region: np.ndarray, spacing_mm: Sequence[float], inset_mm: 
     """The voxels of ``region`` deeper than ``inset_mm`` below its surface, where lesions may be found.
 
     The healthy residual is highest in the outermost voxel layer of the cord, half cord and half
-    CSF, and at the ends of the field of view (the array border counts as surface): measured on
-    the demo-budget model, every healthy image's largest residual lay at a depth of one voxel,
-    most lesions' at two or more (docs/benchmarks.md, "Residual on the native grid"). A lesion
+    CSF, and at the ends of the field of view (the array border counts as surface), where most
+    lesions' is deeper (docs/benchmarks.md). A lesion
     that reaches the surface is still found by its deeper voxels and grows back into the layer.
     Depth is the Euclidean distance in mm to the nearest voxel outside (1e-6 mm tolerance, so a
     1 mm inset drops the first layer of a 1 mm grid). When the inset would leave nothing (a

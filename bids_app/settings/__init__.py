@@ -208,8 +208,8 @@ _V_PREDICTION = {"scheduler": {"prediction_type": "v_prediction"}}
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"models": _V_PREDICTION},
     "tiny": {
-        # 2x2x2 downsampling and 512 codes: measured VQ-GAN L1 0.09 after 600 steps, against 0.13 with
-        # the 4x4x4 / 64-code tiny autoencoder, at the same step time on 2 CPU cores.
+        # 2x2x2 downsampling and 512 codes: a better reconstruction than the 4x4x4 / 64-code tiny
+        # autoencoder at the same step time on 2 CPU cores (docs/benchmarks.md).
         "models": {**_V_PREDICTION, "vqgan": {"downsample": (2, 2, 2), "n_codes": 512}},
         "preprocessing": {"max_shape": (32, 32, 32)},
         "training": {

@@ -7,9 +7,8 @@ wrapped in DDP; batches and draws as in :mod:`bids_app.training.diffusion`.
 
 The adapter learns under the UNet's own objective: with ``patch_fraction`` > 0 (the diffusion
 stage's), that share of the samples is noised only inside a random box of the cord, the loss on
-the box, as inference's patched noising uses it. Trained on whole-latent noise only, the adapter
-steered patched read-outs away from their clean context (measured on the demo-budget model: mean
-oracle Dice 0.50 without the adapter, 0.42 with it; docs/benchmarks.md, "Hysteresis").
+the box, as inference's patched noising uses it: trained on whole-latent noise only, the adapter
+steered patched read-outs away from their clean context (docs/benchmarks.md, "The adapter").
 """
 from __future__ import annotations
 

@@ -1,26 +1,22 @@
 """benchmarks/counterfactual_cost.py: the methods are what they say, evaluations are counted per chain."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
-from benchmarks.counterfactual_cost import METHODS, CountingUNet, method_settings, table
-from bids_app.pipelines.counterfactual import CounterfactualSettings
+from benchmarks.counterfactual_cost import METHODS, CountingUNet, method_compute, run_random, table
+from bids_app.schedulers import patch_sets
+from bids_app.settings import ComputeSettings
 
-BASE = CounterfactualSettings(strengths=(0.5, 0.8), steps=10)
 
-
-def test_methods_set_sampler_and_steps() -> None:
-    seed = method_settings("seed-ddpm-300", BASE)
-    assert (seed.sampler, seed.chain_steps) == ("ddpm", 300)
-    assert method_settings("ddim-20", BASE).steps == 20
-    readout = method_settings("x0-readout", BASE)
-    assert (readout.sampler, readout.steps) == ("ddim", 1)
-    unbatched = method_settings("ddim-10-unbatched", BASE)
-    assert (unbatched.steps, unbatched.batch_size) == (10, 1)
-    assert all(method_settings(m, BASE).strengths == BASE.strengths for m in METHODS)
+def test_methods_differ_only_in_the_batch() -> None:
+    assert method_compute("batched") == ComputeSettings()
+    assert method_compute("unbatched") == ComputeSettings(inference_batch_size=1)
+    assert set(METHODS) == {"batched", "unbatched"}
     with pytest.raises(ValueError, match="unknown method"):
-        method_settings("euler-3", BASE)
+        method_compute("ddim-10")
 
 
 def test_counting_unet_counts_chains_not_calls() -> None:
@@ -30,10 +26,20 @@ def test_counting_unet_counts_chains_not_calls() -> None:
     assert (counter.forwards, counter.evaluations) == (2, 10)
 
 
-def test_table_gives_ratios_to_the_seed_procedure() -> None:
-    rows = [{"method": "seed-ddpm-300", "median_unet_evaluations_per_image": 300, "median_seconds_per_image": 10.0,
+def test_random_weights_run_the_app_pipeline_with_the_same_evaluations() -> None:
+    args = argparse.Namespace(preset="tiny", device="cpu", shape=[16, 16, 16], strength=[0.4], n_samples=1,
+                              seed=0, repeats=1)
+    rows = {m: run_random(argparse.Namespace(**vars(args), child=m)) for m in METHODS}
+    # One one-step chain per patch set of the 4^3 latent (the tiny VQ-GAN downsamples 4x).
+    chains = len(patch_sets(torch.ones(4, 4, 4, dtype=torch.bool)))
+    assert chains > 1
+    assert rows["batched"]["unet_evaluations_per_image"] == rows["unbatched"]["unet_evaluations_per_image"] == chains
+
+
+def test_table_gives_ratios_to_the_reference() -> None:
+    rows = [{"method": "unbatched", "median_unet_evaluations_per_image": 54, "median_seconds_per_image": 10.0,
              "peak_memory_bytes": 2**20, "median_dice": 0.2, "median_oracle_dice": 0.3},
-            {"method": "ddim-10", "median_unet_evaluations_per_image": 15, "median_seconds_per_image": 0.5,
-             "peak_memory_bytes": 2**20, "median_dice": 0.25, "median_oracle_dice": 0.35}]
-    last = table(rows, "seed-ddpm-300").splitlines()[-1]
-    assert "| ddim-10 | 15 | 0.50 |" in last and "| 20.0x | 20.0x |" in last
+            {"method": "batched", "median_unet_evaluations_per_image": 54, "median_seconds_per_image": 0.5,
+             "peak_memory_bytes": 2**20, "median_dice": 0.2, "median_oracle_dice": 0.3}]
+    last = table(rows, "unbatched").splitlines()[-1]
+    assert "| batched | 54 | 0.50 |" in last and "| 1.0x | 20.0x |" in last

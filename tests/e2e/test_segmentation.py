@@ -50,19 +50,19 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
             assert data.min() >= 0 and data.max() <= 1
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
-        assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Steps"] == 1
+        assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Strengths"] == [0.5]
         # The image-level rule: the threshold predicts a 5 % healthy image false-positive rate.
         assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.05
+        assert sidecar["CalibrationQuantile"] == 0.999
         assert sidecar["DetectionInsetMM"] == 1.0 and sidecar["ResidualGrid"] == "native"
         assert sidecar["CalibrationImages"] >= 1
         # Hysteresis: lesions grow over the unsmoothed residual to its healthy 0.995 quantile.
-        assert sidecar["GrowQuantile"] == 0.995 and sidecar["GrowMedianFilterSize"] == 1
-        assert sidecar["GrowThreshold"] > 0 and sidecar["MedianFilterSize"] == 3
-        # T2w: only brighter residuals count; only the cord is regenerated; the edit is transferred.
-        assert sidecar["ResidualPolarity"] == "bright" and sidecar["EditRegion"] == "cord"
-        assert sidecar["ResidualReference"] == "both" and sidecar["WindowOverlap"] == 0.5
+        assert sidecar["GrowQuantile"] == 0.995 and sidecar["GrowThreshold"] > 0
+        # T2w: only brighter residuals count (polarity auto, resolved by the suffix).
+        assert sidecar["ResidualPolarity"] == "bright" and sidecar["WindowOverlap"] == 0.5
         # Patched noising: one 2x2x2-latent patch at a time, the rest clean, two shifted grids.
-        assert sidecar["Noising"] == "patch" and sidecar["PatchSize"] == [2, 2, 2] and sidecar["PatchOffsets"] == 2
+        assert sidecar["PatchSize"] == [2, 2, 2] and sidecar["PatchOffsets"] == 2 and sidecar["PatchPeriod"] == 3
+        assert sidecar["MinLesionVolumeMM3"] == 5.0 and sidecar["Samples"] == 1 and sidecar["Seed"] == 0
         assert sidecar["AdapterUsed"] is True, "the tiny model has an adapter and every phantom a cord mask"
     mask_sidecar = json.loads(outputs(segmented, subject)["mask"].with_suffix("").with_suffix(".json").read_text())
     assert mask_sidecar["Type"] == "Lesion"
@@ -112,7 +112,7 @@ def test_segmentation_is_deterministic_given_the_seed(simple_dataset: Path, tiny
     results = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "06", "--sampler", "ddpm",
+        assert cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "06", "--n-samples", "2",
                          "--seed", "3", *FAST, *participant_args(tiny_model)]) == 0
         results.append(np.asanyarray(nib.load(outputs(out, "06")["probseg"]).dataobj))
     assert np.array_equal(*results)

@@ -67,8 +67,6 @@ class Scenario:
         flags = [] if self.validate else FAST
         if self.level == "participant" and "--model-dir" not in self.args:
             flags = [*flags, *participant_args(setup.model)]
-        elif self.level == "participant":
-            flags = [*flags, "--steps", "1"]
         if self.level == "participant" and "--participant-label" not in self.args:
             flags = [*flags, "--participant-label", self.subject]
         return [str(self.bids or setup.bids), str(out), self.level, *flags, *self.args]

@@ -38,7 +38,7 @@ KILL_TRAINING = {
     "training": {"vqgan": {"max_steps": 4, "disc_start": 2, "figure_every": 100, "checkpoint_every": 2},
                  "diffusion": {"max_steps": 4, "figure_every": 100, "checkpoint_every": 2},
                  "adapter": {"max_steps": 2, "checkpoint_every": 1}},
-    "segmentation": {"steps": 1},
+    "segmentation": {"counterfactual": {"strengths": [0.5]}},
 }
 #: Where each stage may be killed: after a training step, halfway through a checkpoint, weights,
 #: plan or cache write, mid-calibration, or while the model card itself is written.

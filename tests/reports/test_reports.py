@@ -112,7 +112,7 @@ def test_participant_numbers_match_the_outputs(report_run: Path, tiny_model: Pat
                                           f"healthy image false-positive rate {100 * sidecar['CalibrationImageFPR']:g} %")
         grown = summary["lesions grown to (residual)"]
         assert close(grown.split()[0], sidecar["GrowThreshold"]) and grown.endswith(f"quantile {sidecar['GrowQuantile']})")
-        assert int(summary["denoising steps"]) == sidecar["Steps"] == 1
+        assert int(summary["samples per strength"]) == sidecar["Samples"] == 1
         assert [as_float(s) for s in summary["noising strength(s)"].split(",")] == sidecar["Strengths"]
         assert close(summary["time taken (s)"], evaluation["seconds"])
         assert summary["model card version"] == card["version"]

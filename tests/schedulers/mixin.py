@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bids_app.schedulers import Scheduler, SchedulerConfig, denoise, img2img
+from bids_app.schedulers import Scheduler, SchedulerConfig, denoise, denoise_chains, start_chain
 from bids_app.schedulers import schedules as S
 
 SHAPE = (2, 2, 4, 4, 4)
@@ -98,43 +98,56 @@ class SchedulerContract:
         with pytest.raises(ValueError):
             self.make().set_timesteps(n)
 
-    @pytest.mark.parametrize("n, strength, count", [
-        (10, 0.4, 4), (10, 1.0, 10), (10, 0.0, 0), (10, 0.05, 0),
-        (7, 0.5, 3), (50, 0.3, 15), (1, 0.99, 0), (1, 1.0, 1),
-    ])
-    def test_img2img_timesteps_follow_diffusers_rule(self, n: int, strength: float, count: int) -> None:
+    @pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
+    @pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.65, 0.8, 1.0])
+    def test_img2img_timesteps_start_at_the_strength_evenly_spaced(self, steps: int, strength: float) -> None:
+        timesteps = self.make().img2img_timesteps(strength, steps)
+        assert timesteps[0] == round(strength * 1000) - 1
+        # as many as asked while the range has room for them (0.05 of 1000: 50 timesteps, 49 above 0)
+        assert len(timesteps) == steps if steps < timesteps[0] else len(timesteps) <= steps
+        assert timesteps == sorted(set(timesteps), reverse=True) and timesteps[-1] >= 0
+        gaps = [a - b for a, b in zip(timesteps, [*timesteps[1:], 0])]  # the last step goes to 0
+        assert max(gaps) - min(gaps) <= 1, "evenly spaced, up to integer rounding"
+
+    def test_img2img_timesteps_with_one_step_start_at_each_strength(self) -> None:
+        """diffusers' respaced-grid rule started one step at 0.5, 0.65 and 0.8 all at t = 499."""
         scheduler = self.make()
-        scheduler.set_timesteps(n)
-        ts = scheduler.img2img_timesteps(strength)
-        assert len(ts) == count
-        assert torch.equal(ts, scheduler.timesteps[n - count:])
-        if count == n:
-            assert ts[0] == 999
+        assert [scheduler.img2img_timesteps(s, 1) for s in (0.5, 0.65, 0.8, 1.0)] == [[499], [649], [799], [999]]
+        assert scheduler.img2img_timesteps(1.0, 1000) == list(range(999, -1, -1))
+        assert self.make(SchedulerConfig(num_train_timesteps=100)).img2img_timesteps(0.4, 1) == [39]
+
+    @pytest.mark.parametrize("strength, steps", [(0.0, 1), (0.0004, 3), (0.0001, 1000), (0.5, 0)])
+    def test_img2img_timesteps_are_empty_below_one_timestep(self, strength: float, steps: int) -> None:
+        assert self.make().img2img_timesteps(strength, steps) == []
 
     @pytest.mark.parametrize("strength", [-0.1, 1.5])
     def test_img2img_rejects_bad_strength(self, strength: float) -> None:
         with pytest.raises(ValueError, match="strength"):
-            self.make().img2img_timesteps(strength)
+            self.make().img2img_timesteps(strength, 1)
 
     def test_strength_zero_returns_input(self) -> None:
         scheduler = self.make()
         x0 = torch.randn(SHAPE)
         calls = []
-        sample, start = img2img(lambda x, t: calls.append(t) or x, scheduler, x0, 0.0, 10)
-        assert sample is x0 and start is None and not calls
+        chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.0, 10), torch.Generator().manual_seed(0))
+        assert chain.done and chain.sample is x0 and chain.start is None
+        assert denoise_chains(lambda x, t, _: calls.append(t) or x, [chain])[0] is x0 and not calls
         assert denoise(lambda x, t: x, scheduler, x0, scheduler.timesteps[:0]) is x0
 
-    def test_img2img_noises_to_the_step_it_starts_at(self) -> None:
+    def test_a_chain_noises_to_the_step_it_starts_at(self) -> None:
         scheduler = self.make()
         x0 = torch.randn(SHAPE)
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, _conditions) -> torch.Tensor:
             seen.append((x.clone(), t.clone()))
             return torch.zeros_like(x)
 
-        _, start = img2img(model_fn, scheduler, x0, 0.4, 10, torch.Generator().manual_seed(3))
-        assert start == int(scheduler.timesteps[6]) and len(seen) == 4
+        chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.4, 4), torch.Generator().manual_seed(3))
+        start = chain.start
+        denoise_chains(model_fn, [chain])
+        assert start == 399 and len(seen) == 4
+        assert [int(t[0]) for _, t in seen] == scheduler.timesteps.tolist() == [399, 299, 200, 100]
         first_x, first_t = seen[0]
         assert torch.equal(first_t, torch.full((SHAPE[0],), start))
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))

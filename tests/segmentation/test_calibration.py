@@ -1,6 +1,7 @@
-"""Label-free calibration: pooled quantile threshold, healthy ECDF probability map, JSON form."""
+"""Label-free calibration: pooled quantile threshold, healthy ECDF probability map, the calibration file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 
 from bids_app.errors import BadDataError, MissingInputError
-from bids_app.segmentation.calibration import (Calibration, calibrate, grow_threshold, image_bound, probability_map,
-                                               subsample_sorted, with_threshold)
+from bids_app.segmentation.calibration import (Calibration, CalibrationFile, calibrate, grow_threshold, image_bound,
+                                               probability_map, read_calibration_file, subsample_sorted, with_threshold,
+                                               write_calibration_file)
 
 
 def healthy_set(seed: int = 0, n: int = 3, shape=(20, 20, 30)):
@@ -40,8 +42,8 @@ def test_threshold_is_the_pooled_quantile(quantile: float) -> None:
 
 def test_reference_is_subsampled_deterministically() -> None:
     residuals, regions = healthy_set()
-    a = calibrate(residuals, regions, max_reference=1000)
-    b = calibrate(residuals, regions, max_reference=1000)
+    a = calibrate(residuals, regions, quantile=0.999, max_reference=1000)
+    b = calibrate(residuals, regions, quantile=0.999, max_reference=1000)
     assert a.reference.size == 1000
     np.testing.assert_array_equal(a.reference, b.reference)
     pool = np.sort(np.concatenate([r[m] for r, m in zip(residuals, regions)]))
@@ -56,7 +58,7 @@ def test_reference_is_subsampled_deterministically() -> None:
 
 def test_probability_of_the_reference_itself_is_uniform() -> None:
     residuals, regions = healthy_set()
-    cal = calibrate(residuals, regions)
+    cal = calibrate(residuals, regions, quantile=0.999)
     p = probability_map(cal.reference, cal)
     # Continuous data: the i-th of n sorted values has ECDF (i + 1) / n.
     np.testing.assert_allclose(np.sort(p), np.arange(1, p.size + 1) / p.size, atol=1e-4)
@@ -66,7 +68,7 @@ def test_probability_of_the_reference_itself_is_uniform() -> None:
 
 def test_probability_map_extremes_and_region() -> None:
     residuals, regions = healthy_set()
-    cal = calibrate(residuals, regions)
+    cal = calibrate(residuals, regions, quantile=0.999)
     res = np.full((4, 4, 4), cal.reference.max() + 1.0, np.float32)
     res[0] = -1.0  # below every reference value
     region = np.ones(res.shape, bool)
@@ -82,7 +84,7 @@ def test_probability_map_extremes_and_region() -> None:
 
 def test_with_threshold_marks_user() -> None:
     residuals, regions = healthy_set()
-    cal = calibrate(residuals, regions)
+    cal = calibrate(residuals, regions, quantile=0.999)
     user = with_threshold(cal, 0.2)
     assert user.source == "user" and user.threshold == 0.2
     assert user.quantile == pytest.approx(np.mean(cal.reference <= 0.2))
@@ -105,46 +107,71 @@ def test_grow_threshold_is_a_lower_healthy_quantile() -> None:
         grow_threshold(cal, 1.0)
 
 
-def test_json_round_trip(tmp_path) -> None:
+IDENTITY = {"models_sha256": "abc", "seed": 0, "segmentation": {"counterfactual": {"strengths": [0.8]}}}
+SUMMARY = {"threshold": 0.3, "n_images": 3}
+
+
+def test_calibration_file_round_trip(tmp_path) -> None:
     residuals, regions = healthy_set()
-    cal = calibrate(residuals, regions, quantile=0.995)
-    path = cal.save(tmp_path / "calibration.json")
+    cal = calibrate(residuals, regions, quantile=0.995, lesion_free=[0.1, 0.2, 0.15], image_fpr=0.1,
+                    grow_residuals=[r * 2.0 for r in residuals])
+    path = tmp_path / "calibration.json"
+    digest = write_calibration_file(path, CalibrationFile(IDENTITY, SUMMARY, cal))
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     data = json.loads(path.read_text())
-    assert isinstance(data["reference"]["data"], str)  # compact, not a list of 30k numbers
-    back = Calibration.load(path)
-    for name in ("threshold", "quantile", "n_voxels", "n_images", "source"):
-        assert getattr(back, name) == getattr(cal, name)
-    np.testing.assert_array_equal(back.reference, cal.reference)
-    assert not back.reference.flags.writeable
-    plain = dict(data, reference=cal.reference.tolist())  # a plain list is accepted too
+    assert isinstance(data["calibration"]["reference"]["data"], str)  # compact, not a list of 30k numbers
+    back = read_calibration_file(path, digest)
+    assert back.identity == IDENTITY and back.summary == SUMMARY
+    for name in ("threshold", "quantile", "n_voxels", "n_images", "source", "rule", "image_fpr"):
+        assert getattr(back.calibration, name) == getattr(cal, name)
+    np.testing.assert_array_equal(back.calibration.reference, cal.reference)
+    np.testing.assert_array_equal(back.calibration.grow_reference, cal.grow_reference)
+    assert not back.calibration.reference.flags.writeable
+    assert read_calibration_file(path).calibration.threshold == cal.threshold  # no checksum: not checked
+    plain = dict(data["calibration"], reference=cal.reference.tolist())  # a plain list is accepted too
     np.testing.assert_array_equal(Calibration.from_dict(plain).reference, cal.reference)
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary behind
 
 
-def test_load_errors(tmp_path) -> None:
-    with pytest.raises(MissingInputError):
-        Calibration.load(tmp_path / "absent.json")
+def test_calibration_file_errors(tmp_path) -> None:
+    with pytest.raises(MissingInputError, match="not found"):
+        read_calibration_file(tmp_path / "absent.json")
+    cal = calibrate(*healthy_set(n=1), quantile=0.999)
+    good = tmp_path / "good.json"
+    digest = write_calibration_file(good, CalibrationFile(IDENTITY, SUMMARY, cal))
+    modified = json.loads(good.read_text())
+    modified["calibration"]["threshold"] *= 0.5
+    good.write_text(json.dumps(modified))
+    with pytest.raises(BadDataError, match="checksum mismatch"):
+        read_calibration_file(good, digest)
+    assert read_calibration_file(good).calibration.threshold == pytest.approx(0.5 * cal.threshold)
+
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(BadDataError):
-        Calibration.load(bad)
-    bad.write_text(json.dumps({"threshold": 0.1}))
-    with pytest.raises(BadDataError, match="quantile|reference"):
-        Calibration.load(bad)
-    cal = calibrate(*healthy_set(n=1))
+
+    def refused(content: str, match: str) -> None:
+        bad.write_text(content)
+        with pytest.raises(BadDataError, match=match):
+            read_calibration_file(bad)
+
+    refused("{not json", "invalid calibration")
+    refused("[1, 2]", "JSON object")
+    refused(json.dumps({"summary": SUMMARY, "calibration": cal.to_dict()}), "identity")
+    refused(json.dumps({"identity": IDENTITY, "summary": SUMMARY, "calibration": {"threshold": 0.1}}),
+            "quantile|reference")
     data = cal.to_dict()
     data["reference"]["count"] += 1
-    bad.write_text(json.dumps(data))
-    with pytest.raises(BadDataError, match="values"):
-        Calibration.load(bad)
+    refused(json.dumps({"identity": IDENTITY, "summary": SUMMARY, "calibration": data}), "values")
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(BadDataError):
+        read_calibration_file(bad)
 
 
 def test_empty_input_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="at least one"):
-        calibrate([], [])
+        calibrate([], [], quantile=0.999)
     res = np.ones((3, 3, 3), np.float32)
     with pytest.raises(ValueError, match="empty"):
-        calibrate([res], [np.zeros(res.shape, bool)])
+        calibrate([res], [np.zeros(res.shape, bool)], quantile=0.999)
     with pytest.raises(ValueError, match="quantile"):
         calibrate([res], [res > 0], quantile=1.0)
     with caplog.at_level(logging.WARNING):
@@ -175,7 +202,7 @@ def test_the_images_rule_raises_the_threshold_until_no_calibration_image_has_a_l
     assert kept.threshold == plain.threshold and kept.quantile == 0.99
     assert Calibration.from_dict(json.loads(json.dumps(raised.to_dict()))).rule == "images"
     with pytest.raises(ValueError, match="lesion-free"):
-        calibrate(residuals, regions, lesion_free=[0.1])
+        calibrate(residuals, regions, quantile=0.99, lesion_free=[0.1])
 
 
 def test_the_image_bound_is_the_t_prediction_bound_of_one_more_image() -> None:
@@ -227,4 +254,4 @@ def test_the_growth_map_has_its_own_healthy_reference() -> None:
     np.testing.assert_array_equal(back.grow_reference, cal.grow_reference)
     assert "grow_reference" not in calibrate(residuals, regions, quantile=0.99).to_dict()
     with pytest.raises(ValueError, match="growth maps"):
-        calibrate(residuals, regions, grow_residuals=sharp[:1])
+        calibrate(residuals, regions, quantile=0.99, grow_residuals=sharp[:1])

@@ -1,11 +1,11 @@
-"""Lesion mask post-processing (size filter, majority smoothing) and the per-lesion table."""
+"""Lesion mask post-processing (threshold, size filter, growth) and the per-lesion table."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from bids_app.segmentation.lesions import (LESION_COLUMNS, label_components, lesion_free_threshold, lesion_mask,
-                                           lesion_table, majority_smooth, write_lesion_tsv)
+                                           lesion_table, write_lesion_tsv)
 
 
 def blobs() -> np.ndarray:
@@ -44,32 +44,16 @@ def test_components_are_26_connected() -> None:
     assert label_components(mask)[1] == 1
 
 
-def test_majority_smoothing_fills_a_hole_and_removes_a_speck() -> None:
+def test_the_mask_is_the_voxels_above_the_threshold_unsmoothed() -> None:
+    """No smoothing of the binary mask: a one-voxel hole stays a hole and, without a size filter, a
+    single voxel is a lesion."""
     res = np.zeros((12, 12, 12), np.float32)
     res[2:7, 2:7, 2:7] = 1.0
     res[4, 4, 4] = 0.0  # one-voxel hole
     res[10, 10, 10] = 1.0  # isolated voxel
-    region = np.ones(res.shape, bool)
-    plain = lesion_mask(res, region, 0.5, (1, 1, 1), 0.0)
+    plain = lesion_mask(res, np.ones(res.shape, bool), 0.5, (1, 1, 1), 0.0)
     assert plain[4, 4, 4] == 0 and plain[10, 10, 10] == 1
-    smoothed = lesion_mask(res, region, 0.5, (1, 1, 1), 0.0, majority_smoothing=True)
-    assert smoothed[4, 4, 4] == 1 and smoothed[10, 10, 10] == 0
-    # The cube keeps its faces, edges (4 neighbours) and corners (3: unchanged).
-    np.testing.assert_array_equal(smoothed[2:7, 2:7, 2:7], 1)
-    assert smoothed.sum() == 125
-
-
-def test_majority_rule_thresholds() -> None:
-    line = np.zeros((7, 7, 7), bool)
-    line[3, 1:6, 3] = True  # each voxel has <= 2 neighbours: removed
-    assert not majority_smooth(line).any()
-    sheet = np.zeros((7, 7, 7), bool)
-    sheet[1:6, 1:6, 3] = True  # interior 4, edges 3, corners 2
-    out = majority_smooth(sheet)
-    assert out[3, 3, 3] and out[1, 3, 3] and not out[1, 1, 3]
-    region = np.zeros_like(sheet)
-    region[:, :4] = True
-    assert not (majority_smooth(sheet, region) & ~region).any()
+    np.testing.assert_array_equal(plain, res > 0.5)
 
 
 def centroid(row: dict) -> tuple[float, float, float]:

@@ -1,4 +1,4 @@
-"""Residual ensemble, median filter, analysis region (anisotropic dilation, fallback, padding)."""
+"""Residual ensemble, median filter, analysis region (the cord as it is, fallback, padding)."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,10 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.segmentation import residuals as R
-from bids_app.segmentation.residuals import (ResidualSettings, agreement_residual, analysis_region, dilate_mm,
-                                             residual_map, restrict, signed_residual, smooth)
+from bids_app.segmentation.residuals import (agreement_residual, analysis_region, residual_map, restrict,
+                                             signed_residual, smooth)
+from bids_app.settings.fields import calibrated_values
+from bids_app.settings.segmentation import ResidualSettings
 
 
 @pytest.fixture(autouse=True)
@@ -77,32 +79,25 @@ def test_region_never_includes_padding() -> None:
     valid[:, :, 2:8] = True
     cord = np.zeros_like(valid)
     cord[4:6, 4:6, :] = True  # runs into the padded slices
-    region, source = analysis_region(valid, cord, (1.0, 1.0, 1.0), 2.0)
+    region, source = analysis_region(valid, cord)
     assert source == "cord" and region.any()
     assert not (region & ~valid).any()
     image = np.full(valid.shape, 0.5, np.float32)  # bright everywhere, padding included
-    region, source = analysis_region(valid, None, (1.0, 1.0, 1.0), 2.0, image=image)
+    region, source = analysis_region(valid, None, image=image)
     assert source == "foreground"
     np.testing.assert_array_equal(region, valid)
 
 
-def test_dilation_in_mm_respects_anisotropic_spacing() -> None:
+def test_the_cord_region_is_the_cord_mask_itself() -> None:
+    """Not dilated: the bright CSF around the cord would dominate a dilated region."""
     cord = np.zeros((21, 21, 11), bool)
-    cord[10, 10, 5] = True
+    cord[9:12, 9:12, 2:9] = True
     valid = np.ones_like(cord)
-    region, source = analysis_region(valid, cord, (0.5, 0.5, 2.0), 2.0)
+    region, source = analysis_region(valid, cord, image=np.full(cord.shape, 0.5, np.float32))
     assert source == "cord"
-    x, y, z = np.nonzero(region)
-    assert (x.min(), x.max()) == (6, 14)  # 4 voxels in-plane
-    assert (y.min(), y.max()) == (6, 14)
-    assert (z.min(), z.max()) == (4, 6)  # 1 voxel along z
-    # Ellipsoid, not box: the in-plane corner (4, 4) voxels away is sqrt(8) mm > 2 mm away.
-    assert not region[14, 14, 5] and region[14, 10, 5] and not region[14, 10, 6]
-    # Exactly the discrete ellipsoid sum((d * spacing)^2) <= margin^2.
-    d = np.indices(cord.shape) - np.array([10, 10, 5])[:, None, None, None]
-    expected = ((d[0] * 0.5) ** 2 + (d[1] * 0.5) ** 2 + (d[2] * 2.0) ** 2) <= 4.0
-    np.testing.assert_array_equal(region, expected)
-    np.testing.assert_array_equal(dilate_mm(cord, (0.5, 0.5, 2.0), 0.0), cord)
+    np.testing.assert_array_equal(region, cord)
+    soft = cord.astype(np.float32) * 0.7  # a soft mask counts where it is above 0
+    np.testing.assert_array_equal(analysis_region(valid, soft)[0], cord)
 
 
 def test_foreground_fallback_warns_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -111,8 +106,8 @@ def test_foreground_fallback_warns_once(caplog: pytest.LogCaptureFixture) -> Non
     image[3:9, 3:9, 3:9] = 0.2
     image[5:7, 5:7, 5:7] = -1.0  # a dark hole inside the body is still body
     with caplog.at_level(logging.INFO, logger=R.__name__):
-        region, source = analysis_region(valid, None, (1, 1, 1), 2.0, image=image)
-        region2, source2 = analysis_region(valid, np.zeros_like(valid), (1, 1, 1), 2.0, image=image)
+        region, source = analysis_region(valid, None, image=image)
+        region2, source2 = analysis_region(valid, np.zeros_like(valid), image=image)
     assert source == source2 == "foreground"
     assert region.sum() == 6 ** 3 and region[5, 5, 5]
     np.testing.assert_array_equal(region, region2)
@@ -123,7 +118,7 @@ def test_foreground_fallback_warns_once(caplog: pytest.LogCaptureFixture) -> Non
 
 def test_fallback_without_image_is_an_error() -> None:
     with pytest.raises(ValueError, match="no image"):
-        analysis_region(np.ones((3, 3, 3), bool), None, (1, 1, 1), 2.0)
+        analysis_region(np.ones((3, 3, 3), bool), None)
 
 
 def test_restrict_zeroes_outside() -> None:
@@ -135,19 +130,9 @@ def test_restrict_zeroes_outside() -> None:
     assert not out[~region].any()
 
 
-def test_settings_round_trip_and_validation() -> None:
-    s = ResidualSettings(median_size=5, cord_margin_mm=1.5, majority_smoothing=True)
-    assert ResidualSettings.from_dict(s.to_dict()) == s
-    assert ResidualSettings.from_dict({}) == ResidualSettings()
-    with pytest.raises(UsageError, match="unknown"):
-        ResidualSettings.from_dict({"median": 3})
-    with pytest.raises(UsageError):
-        ResidualSettings(median_size=0)
-    with pytest.raises(UsageError, match="grow_median_size"):
-        ResidualSettings(grow_median_size=0)
-    assert ResidualSettings().grow_median_size == 1 and ResidualSettings(grow_median_size=3.0).grow_median_size == 3
-    with pytest.raises(UsageError):
-        ResidualSettings(cord_margin_mm=-1.0)
+def test_median_sizes_are_fixed() -> None:
+    """The thresholded map is median-filtered over 3 voxels, the map lesions grow over is not."""
+    assert (R.MEDIAN_SIZE, R.GROW_MEDIAN_SIZE) == (3, 1)
 
 
 @pytest.mark.parametrize("polarity,expected", [("bright", [0.5, 0.0, 0.0]), ("dark", [0.0, 0.25, 0.0]),
@@ -163,7 +148,7 @@ def test_polarity_keeps_only_the_requested_sign(polarity: str, expected: list[fl
 def test_unknown_polarity_is_refused() -> None:
     with pytest.raises(ValueError):
         signed_residual(np.zeros(2), np.zeros(2), "up")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="segmentation.residual.polarity"):
         ResidualSettings(polarity="up")
 
 
@@ -227,6 +212,6 @@ def test_detection_region_falls_back_to_a_region_too_thin_for_the_inset(caplog) 
 
 
 def test_detection_inset_is_validated() -> None:
-    with pytest.raises(UsageError, match="detection_inset_mm"):
+    with pytest.raises(UsageError, match="segmentation.residual.detection_inset_mm"):
         ResidualSettings(detection_inset_mm=-0.5)
-    assert ResidualSettings(detection_inset_mm=1.0).to_dict()["detection_inset_mm"] == 1.0
+    assert calibrated_values(ResidualSettings(detection_inset_mm=0.5))["detection_inset_mm"] == 0.5

@@ -114,7 +114,7 @@ def test_cosine_learning_rate_decays_from_the_base_to_zero() -> None:
 
 def test_flip_augmentation_keeps_only_windows_and_flips() -> None:
     from bids_app.data import AugmentationSettings
-    from bids_app.training.group import diffusion_augmentation
+    from bids_app.training.stages import diffusion_augmentation
 
     full = AugmentationSettings()
     flip = diffusion_augmentation(full, "flip")

@@ -117,55 +117,22 @@ def test_vqgan_stage_checkpoints_activations_unless_switched_off() -> None:
     assert not stage.model.encoder.checkpointing and not stage.model.decoder.checkpointing
 
 
-def test_reconstruction_weights_favour_the_cord_and_its_rim() -> None:
-    from bids_app.training.vqgan import reconstruction_weights, weighted_l1
+def test_diffusion_cosine_schedule_decays_the_learning_rate() -> None:
+    torch.manual_seed(0)
+    vqgan = VQGAN(tiny_config()).eval()
+    unet = UNet3DConfig.tiny(tiny_config().embedding_dim, channel_mults=(1,), attention_levels=(True,))
 
-    cord = torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool)
-    cord[0, 0, 3:5, 3:5, :] = True
-    assert reconstruction_weights(cord, 0.0) is None and reconstruction_weights(None, 4.0) is None
-    weights = reconstruction_weights(cord, 4.0)
-    assert weights[0, 0, 3, 3, 0] == 5.0  # cord
-    assert weights[0, 0, 2, 3, 0] == 5.0  # the voxel layer around it
-    assert weights[0, 0, 0, 0, 0] == 1.0  # far away
-    real = torch.zeros(1, 1, 8, 8, 8)
-    off_cord = real.clone()
-    off_cord[0, 0, 0, 0, 0] = 1.0
-    on_cord = real.clone()
-    on_cord[0, 0, 3, 3, 0] = 1.0
-    # One wrong voxel costs 5x as much on the cord; a uniform error keeps the plain L1's scale.
-    assert weighted_l1(on_cord, real, weights) == pytest.approx(5 * weighted_l1(off_cord, real, weights))
-    assert weighted_l1(real + 0.3, real, weights) == pytest.approx(0.3)
+    def rates(schedule: str) -> list[float]:
+        settings = DiffusionStageSettings(max_steps=4, batch_size=2, learning_rate=1e-3, figure_every=0,
+                                          lr_schedule=schedule)
+        stage = DiffusionStage(vqgan, unet, SchedulerConfig(num_train_timesteps=100), settings, TensorVolumes(), 2.0,
+                               "cpu", 7)
+        values = []
+        for step in range(4):
+            stage.train_step(step)
+            values.append(stage.optimizer.param_groups[0]["lr"])
+        return values
 
-
-class CordVolumes(TensorVolumes):
-    def __getitem__(self, index: int) -> dict:
-        item = super().__getitem__(index)
-        cord = torch.zeros_like(item["image"], dtype=torch.bool)
-        cord[:, 6:10, 6:10, :] = True
-        return {**item, "cord": cord}
-
-
-def test_vqgan_cord_weight_changes_the_training() -> None:
-    def trained(cord_weight: float) -> dict:
-        data = CordVolumes()
-        settings = VQGANStageSettings(max_steps=2, batch_size=2, learning_rate=1e-3, disc_start=5,
-                                      figure_every=0, cord_weight=cord_weight)
-        stage = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5)
-        stage.train_step(0)
-        return stage.state_dict()["model"]
-
-    plain, weighted = trained(0.0), trained(4.0)
-    assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
-
-
-def test_vqgan_cosine_schedule_decays_the_generator_learning_rate() -> None:
-    data = TensorVolumes()
-    settings = VQGANStageSettings(max_steps=4, batch_size=2, learning_rate=1e-3, disc_start=0, figure_every=0,
-                                  lr_schedule="cosine")
-    stage = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5)
-    rates = []
-    for step in range(4):
-        stage.train_step(step)
-        rates.append(stage.opt_g.param_groups[0]["lr"])
-    assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] < 2e-4
-    assert stage.opt_d.param_groups[0]["lr"] == pytest.approx(1e-3)
+    cosine = rates("cosine")
+    assert cosine[0] == pytest.approx(1e-3) and cosine == sorted(cosine, reverse=True) and cosine[-1] < 2e-4
+    assert rates("constant") == pytest.approx([1e-3] * 4)
