@@ -7,35 +7,65 @@ import logging
 import pytest
 
 from bids_app.participant import _warn_if_settings_differ
-from bids_app.settings import RunSettings, SegmentationSettings
-from bids_app.training.calibrate import calibration_identity
+from bids_app.pipelines.calibrate import calibration_identity
+from bids_app.settings import RunSettings, build_settings
+from bids_app.settings.segmentation import SegmentationSettings
+
+BASE = {"bids_dir": "/b", "output_dir": "/o", "analysis_level": "participant"}
 
 
-def settings_with(**segmentation) -> RunSettings:
-    from bids_app.settings import build_settings
+def settings_with(section: str | None = None, **values) -> RunSettings:
+    """The default run settings with ``values`` in one section of ``segmentation`` (None: at its top)."""
+    base = build_settings(BASE)
+    seg = base.segmentation
+    if section is None:
+        seg = dataclasses.replace(seg, **values)
+    else:
+        seg = dataclasses.replace(seg, **{section: dataclasses.replace(getattr(seg, section), **values)})
+    return dataclasses.replace(base, segmentation=seg)
 
-    base = build_settings({"bids_dir": "/b", "output_dir": "/o", "analysis_level": "participant"})
-    return dataclasses.replace(base, segmentation=SegmentationSettings(**segmentation))
+
+def calibrated_with_defaults() -> dict:
+    return calibration_identity(SegmentationSettings(), 0, "abc")
 
 
 def test_same_settings_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        _warn_if_settings_differ(settings_with(), calibration_identity(settings_with(), "abc"))
+        _warn_if_settings_differ(settings_with(), calibrated_with_defaults())
     assert "differ" not in caplog.text
 
 
-@pytest.mark.parametrize("change", [{"polarity": "both"}, {"edit_region": "all"}, {"strengths": (0.5,)},
-                                    {"window_overlap": 0.25}, {"eta": 0.5}, {"noising": "region"},
-                                    {"patch_size": (1, 2, 2)}, {"patch_offsets": 1}, {"reference": "reconstruction"},
-                                    {"grow_median_size": 3}, {"detection_inset_mm": 0.0}])
-def test_a_changed_residual_setting_warns(caplog: pytest.LogCaptureFixture, change: dict) -> None:
+@pytest.mark.parametrize("section, change", [
+    ("residual", {"polarity": "both"}), ("counterfactual", {"strengths": (0.5,)}),
+    ("counterfactual", {"window_overlap": 0.25}), ("counterfactual", {"patch_size": (1, 2, 2)}),
+    ("counterfactual", {"patch_offsets": 1}), ("counterfactual", {"patch_period": 2}),
+    ("counterfactual", {"n_samples": 2}), ("counterfactual", {"adapter_scale": 0.5}),
+    ("residual", {"detection_inset_mm": 0.0}), ("lesions", {"min_lesion_mm3": 10.0}),
+    ("calibration", {"image_fpr": 0.1}), ("calibration", {"quantile": 0.99}),
+])
+def test_a_changed_calibrated_setting_warns_naming_it(caplog: pytest.LogCaptureFixture, section: str,
+                                                      change: dict) -> None:
     with caplog.at_level(logging.WARNING):
-        _warn_if_settings_differ(settings_with(**change), calibration_identity(settings_with(), "abc"))
-    assert f"segmentation settings {next(iter(change))} differ" in caplog.text
+        _warn_if_settings_differ(settings_with(section, **change), calibrated_with_defaults())
+    name, value = next(iter(change.items()))
+    assert "segmentation settings differ" in caplog.text
+    assert f"segmentation.{section}.{name}: " in caplog.text
+    shown = list(value) if isinstance(value, tuple) else value
+    assert f"now {shown}" in caplog.text
 
 
-def test_the_calibration_rule_and_its_false_positive_rate_are_part_of_its_identity() -> None:
-    default = calibration_identity(settings_with(), "abc")
-    assert default["rule"] == "images" and default["image_fpr"] == 0.05
-    assert calibration_identity(settings_with(calibration_image_fpr=0.1), "abc") != default
-    assert "image_fpr" not in calibration_identity(settings_with(calibration_rule="voxels"), "abc")
+@pytest.mark.parametrize("section, change", [
+    ("lesions", {"grow_quantile": 0.99}), ("lesions", {"threshold": 0.3}), (None, {"strength_sweep": (0.2, 0.4)}),
+])
+def test_a_setting_applied_after_the_threshold_does_not_warn(caplog: pytest.LogCaptureFixture, section, change) -> None:
+    with caplog.at_level(logging.WARNING):
+        _warn_if_settings_differ(settings_with(section, **change), calibrated_with_defaults())
+    assert "differ" not in caplog.text
+
+
+def test_a_calibration_of_an_earlier_version_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """0.1.0's identity was flat: none of today's calibrated settings can be matched in it."""
+    old = {"models_sha256": "abc", "strengths": [0.8], "polarity": "auto", "quantile": 0.999, "seed": 0}
+    with caplog.at_level(logging.WARNING):
+        _warn_if_settings_differ(settings_with(), old)
+    assert "segmentation settings differ" in caplog.text and "segmentation.counterfactual.strengths: None" in caplog.text

@@ -70,23 +70,25 @@ def test_windows_refuse_a_volume_smaller_than_the_window() -> None:
 def test_windowed_counterfactuals_equal_one_window_and_keep_the_image_at_strength_zero() -> None:
     from bids_app.models.unet3d import UNet3D, UNet3DConfig
     from bids_app.models.vqgan import VQGAN, VQGANConfig
-    from bids_app.pipelines.counterfactual import CounterfactualSettings, counterfactuals, windowed_counterfactuals
+    from bids_app.pipelines.counterfactual import CounterfactualPipeline, Window
     from bids_app.schedulers import SchedulerConfig
+    from bids_app.settings.segmentation import CounterfactualSettings
 
     torch.manual_seed(0)
     vqgan = VQGAN(VQGANConfig(n_hiddens=4, downsample=(2, 2, 2), n_codes=16, embedding_dim=4, norm_groups=2)).eval()
     unet = UNet3D(UNet3DConfig(in_channels=4, base_channels=8, channel_mults=(1, 2), attention_levels=(False, False))).eval()
-    schedule = SchedulerConfig(num_train_timesteps=100)
+    pipe = CounterfactualPipeline(vqgan, unet, SchedulerConfig(num_train_timesteps=100), 1.0, window_shape=(16, 16, 16))
     image = np.random.default_rng(1).uniform(-1, 1, size=(16, 16, 16)).astype(np.float32)
-    settings = CounterfactualSettings(strengths=(0.0, 0.5), steps=3, seed=4)
-    single = counterfactuals(vqgan, unet, schedule, 1.0, image, settings)
-    windowed = windowed_counterfactuals(vqgan, unet, schedule, 1.0, image, settings, (16, 16, 16))
-    assert [(c.strength, c.sample) for c in windowed] == [(c.strength, c.sample) for c in single]
+    settings = CounterfactualSettings(strengths=(0.0, 0.5), patch_period=2, patch_offsets=1)
+    single = pipe.run_windows([Window(image, index=0)], settings, seed=4)[0]
+    windowed = pipe(image, settings, seed=4)  # a volume of exactly the window's shape: one window
+    assert [(c.strength, c.sample) for c in windowed] == [(c.strength, c.sample) for c in single] == [(0.0, 0),
+                                                                                                     (0.5, 0)]
     for a, b in zip(single, windowed):
         np.testing.assert_allclose(a.image, b.image, atol=1e-5)
-    # The edit is transferred onto the input: strength 0 changes nothing.
+        np.testing.assert_allclose(a.decoded, b.decoded, atol=1e-5)
+    # The edit is transferred onto the input: strength 0 changes nothing; its raw decoding does.
     np.testing.assert_array_equal(single[0].image, image)
-    raw = counterfactuals(vqgan, unet, schedule, 1.0, image, CounterfactualSettings(strengths=(0.0,), reference="image"))
-    assert not np.allclose(raw[0].image, image)
+    assert not np.allclose(single[0].decoded, image)
     long = np.concatenate([image, image[:, :, ::-1]], axis=2)
-    assert windowed_counterfactuals(vqgan, unet, schedule, 1.0, long, settings, (16, 16, 16))[1].image.shape == long.shape
+    assert all(c.image.shape == c.decoded.shape == long.shape for c in pipe(long, settings, seed=4))

@@ -1,4 +1,4 @@
-"""Schedules, config, and the scheduler contract run on DDPM and DDIM; DDIM inversion."""
+"""Schedules, config, and the scheduler contract run on DDIM (deterministic and with eta); known regions."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bids_app.schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfig, denoise
+from bids_app.schedulers import DDIMScheduler, SchedulerConfig, denoise_chains, start_chain
 from bids_app.schedulers import schedules as S
 from tests.schedulers.mixin import SchedulerContract
 
@@ -22,13 +22,6 @@ def one_thread():
 
 
 # -- the contract, on each scheduler ------------------------------------------------------------
-class TestDDPM(SchedulerContract):
-    stochastic = True
-
-    def make(self, config: SchedulerConfig | None = None) -> DDPMScheduler:
-        return DDPMScheduler(config)
-
-
 class TestDDIM(SchedulerContract):
     stochastic = False
 
@@ -124,20 +117,30 @@ def test_respaced_step_goes_to_the_next_scheduled_timestep() -> None:
     assert prev[999] == ab[749] and prev[750] == ab[749] and prev[749] == ab[499] and prev[249] == 1.0
 
 
-# -- DDPM and DDIM agree where they must ------------------------------------------------------
+# -- DDIM's noise level ----------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_ddim_with_eta_one_is_the_ddpm_posterior(schedule: str) -> None:
+    """eta = 1: x_s ~ q(x_s | x_t, x0_hat), mean sqrt(ab_s) b x0 / (1 - ab_t) + sqrt(a) (1 - ab_s) x_t / (1 - ab_t)
+    and variance (1 - ab_s) b / (1 - ab_t), with a = ab_t / ab_s and b = 1 - a (the respaced DDPM posterior)."""
     config = SchedulerConfig(schedule=schedule)
-    ddpm, ddim = DDPMScheduler(config), DDIMScheduler(config, eta=1.0)
+    ddim = DDIMScheduler(config, eta=1.0)
     g = torch.Generator().manual_seed(8)
     sample, output = (torch.randn(2, 2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
     for n in (10, 1000):
-        ddpm.set_timesteps(n)
         ddim.set_timesteps(n)
-        for t in ddpm.timesteps[[0, n // 2, -1]]:
-            a = ddpm.step(output, t, sample, torch.Generator().manual_seed(9)).prev_sample
-            b = ddim.step(output, t, sample, torch.Generator().manual_seed(9)).prev_sample
-            torch.testing.assert_close(a, b)
+        ts = ddim.timesteps.tolist()
+        for i in (0, n // 2, n - 1):
+            t = ts[i]
+            ab_t = ddim.alphas_cumprod[t]
+            ab_s = ddim.alphas_cumprod[ts[i + 1]] if i + 1 < n else torch.tensor(1.0, dtype=torch.float64)
+            a = ab_t / ab_s
+            b = 1 - a
+            x0 = S.predict_start_from_noise(sample, output, ab_t)
+            mean = ab_s.sqrt() * b / (1 - ab_t) * x0 + a.sqrt() * (1 - ab_s) / (1 - ab_t) * sample
+            z = torch.randn(sample.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+            expected = mean + ((1 - ab_s) / (1 - ab_t) * b).sqrt() * z
+            step = ddim.step(output, torch.tensor(t), sample, torch.Generator().manual_seed(9)).prev_sample
+            torch.testing.assert_close(step, expected)
 
 
 def test_ddim_eta_zero_draws_no_noise() -> None:
@@ -148,48 +151,21 @@ def test_ddim_eta_zero_draws_no_noise() -> None:
     assert torch.equal(g.get_state(), state)
 
 
-# -- DDIM inversion ----------------------------------------------------------------------------
-def gaussian_denoiser(scheduler: DDIMScheduler, variance: float):
-    """The exact posterior-mean model for data ~ N(0, variance I): linear in x, smooth in t."""
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = scheduler.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1, 1)
-        denominator = ab * variance + 1 - ab
-        eps = (1 - ab).sqrt() * x / denominator
-        if scheduler.config.prediction_type == "epsilon":
-            return eps
-        return S.predict_v(ab.sqrt() * variance * x / denominator, eps, ab)
-
-    return model_fn
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_ddim_inversion_round_trip(schedule: str, prediction_type: str, strength: float) -> None:
-    """Invert over all T steps, then sample back: first-order error, so 10x the steps ~ 0.1x it."""
-    scheduler = DDIMScheduler(SchedulerConfig(schedule=schedule, prediction_type=prediction_type))
-    model_fn = gaussian_denoiser(scheduler, variance=0.25)
-    x0 = 0.5 * torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    errors = {}
-    for n in (100, 1000):
-        latent = scheduler.invert(model_fn, x0, n, strength=strength)
-        assert not torch.allclose(latent, x0, atol=0.1)
-        back = denoise(model_fn, scheduler, latent, scheduler.img2img_timesteps(strength))
-        errors[n] = (back - x0).abs().max().item()
-    assert errors[1000] < 0.02
-    assert errors[1000] < errors[100] / 5
-
-
-@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
-def test_known_region_holds_the_original_and_only_the_editable_part_changes(scheduler_cls) -> None:
-    from bids_app.schedulers import img2img
-
+# -- chains with a known region --------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_known_region_holds_the_original_and_only_the_editable_part_changes(eta: float) -> None:
     config = SchedulerConfig(num_train_timesteps=100)
     x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
-    model = lambda z, t: 0.3 * z + 0.1  # noqa: E731  any deterministic "network"
-    run = lambda editable: img2img(model, scheduler_cls(config), x0, 0.6, 10,  # noqa: E731
-                                   torch.Generator().manual_seed(3), editable)[0]
+
+    def model(z, t, _conditions):  # any deterministic "network"
+        return 0.3 * z + 0.1
+
+    def run(editable):
+        scheduler = DDIMScheduler(config, eta=eta)
+        chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.6, 10), torch.Generator().manual_seed(3),
+                            editable)
+        return denoise_chains(model, [chain])[0]
+
     assert torch.equal(run(torch.zeros(1, 1, 4, 4, 6)), x0), "nothing editable: the input comes back exactly"
     free = run(None)
     assert torch.allclose(run(torch.ones(1, 1, 4, 4, 6)), free), "all editable: plain img2img"
@@ -200,12 +176,10 @@ def test_known_region_holds_the_original_and_only_the_editable_part_changes(sche
     assert not torch.allclose(partial[..., 3:], x0[..., 3:])
 
 
-@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
-def test_clean_context_shows_the_model_the_original_outside_the_patch(scheduler_cls) -> None:
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_clean_context_shows_the_model_the_original_outside_the_patch(eta: float) -> None:
     """Patched noising: at every step the model sees the clean x0 outside the editable patch (the
     plain known region shows it noised to the step's level)."""
-    from bids_app.schedulers import denoise_chains, start_chain
-
     config = SchedulerConfig(num_train_timesteps=100)
     x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
     patch = torch.zeros(1, 1, 4, 4, 6)
@@ -217,11 +191,49 @@ def test_clean_context_shows_the_model_the_original_outside_the_patch(scheduler_
             seen.append(z.clone())
             return 0.3 * z + 0.1
 
-        chain = start_chain(scheduler_cls(config), x0, 0.6, 5, torch.Generator().manual_seed(3), patch,
-                            clean_context=clean)
+        scheduler = DDIMScheduler(config, eta=eta)
+        chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.6, 3), torch.Generator().manual_seed(3),
+                            patch, clean_context=clean)
         result = denoise_chains(model, [chain])[0]
         outside = (patch == 0).expand_as(x0)
-        assert len(seen) == 3  # int(5 * 0.6) steps of the 5-step chain
+        assert len(seen) == 3  # the three timesteps asked for: 59, 39, 20
         assert all(torch.equal(z[outside], x0[outside]) for z in seen) == clean
         assert torch.equal(result[outside], x0[outside])
         assert not torch.allclose(result[~outside], x0[~outside])
+
+
+def test_a_chain_without_timesteps_is_finished_and_holds_the_input() -> None:
+    x0 = torch.randn(1, 2, 4, 4, 6)
+    chain = start_chain(DDIMScheduler(), x0, [], torch.Generator().manual_seed(0), torch.ones(1, 1, 4, 4, 6), "c")
+    assert chain.done and chain.start is None and chain.sample is x0 and chain.condition == "c"
+    assert denoise_chains(lambda z, t, _: 1 / 0, [chain])[0] is x0
+
+
+def test_chains_denoised_together_equal_chains_run_alone() -> None:
+    """Different lengths, starts, conditions and generators in one batch: each chain gets its own t,
+    condition and noise (eta > 0 draws), as when run alone."""
+    config = SchedulerConfig(num_train_timesteps=100)
+    x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model(z, t, conditions):
+        scale = torch.tensor([c for c in conditions], dtype=z.dtype).view(-1, 1, 1, 1, 1)
+        return scale * z + 0.01 * t.to(z.dtype).view(-1, 1, 1, 1, 1)
+
+    def chains():
+        made = []
+        for k, (strength, steps) in enumerate([(0.3, 1), (0.6, 3), (0.9, 5), (0.0, 2)]):
+            scheduler = DDIMScheduler(config, eta=0.5)
+            made.append(start_chain(scheduler, x0, scheduler.img2img_timesteps(strength, steps),
+                                    torch.Generator().manual_seed(k), condition=0.1 * (k + 1)))
+        return made
+
+    together = denoise_chains(model, chains())
+    for max_batch in (1, 2):
+        for a, b in zip(together, denoise_chains(model, chains(), max_batch)):
+            torch.testing.assert_close(a, b)
+    alone = [denoise_chains(model, [c])[0] for c in chains()]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b)
+    assert together[3] is x0
+    with pytest.raises(ValueError, match="max_batch"):
+        denoise_chains(model, chains(), 0)
