@@ -101,6 +101,7 @@ def build_stage(kind: str, preset: str, shape: Sequence[int], batch: int, device
     from bids_app.models.vqgan import VQGAN
     from bids_app.schedulers import SchedulerConfig
     from bids_app.training.adapter import AdapterStage
+    from bids_app.training.loop import StageContext
     from bids_app.training.diffusion import DiffusionStage, unet_config
     from bids_app.training.vqgan import VQGANStage, vqgan_config
 
@@ -117,7 +118,7 @@ def build_stage(kind: str, preset: str, shape: Sequence[int], batch: int, device
         if checkpointing is not None:
             stage_settings = dataclasses.replace(stage_settings, activation_checkpointing=checkpointing)
         disc_cfg = DiscriminatorConfig.from_dict(dict(models.discriminator))
-        return VQGANStage(vq_cfg, disc_cfg, stage_settings, data, data, device, seed)
+        return VQGANStage(vq_cfg, disc_cfg, stage_settings, data, data, StageContext(device, seed))
     torch.manual_seed(seed)
     vqgan = VQGAN(vq_cfg)
     unet_cfg = unet_config(preset, vq_cfg.embedding_dim, models.unet)
@@ -125,11 +126,12 @@ def build_stage(kind: str, preset: str, shape: Sequence[int], batch: int, device
     if kind == "diffusion":
         stage_settings = dataclasses.replace(settings.training.diffusion, batch_size=batch, accumulation_steps=1,
                                              figure_every=0)
-        return DiffusionStage(vqgan, unet_cfg, scheduler_cfg, stage_settings, data, 1.0, device, seed)
+        return DiffusionStage(vqgan, unet_cfg, scheduler_cfg, stage_settings, data, 1.0, StageContext(device, seed))
     stage_settings = dataclasses.replace(settings.training.adapter, batch_size=batch, accumulation_steps=1,
                                          figure_every=0)
     adapter_cfg = AdapterConfig.for_models(unet_cfg, vq_cfg.downsample, **dict(models.adapter))
-    return AdapterStage(vqgan, UNet3D(unet_cfg), scheduler_cfg, adapter_cfg, stage_settings, data, 1.0, device, seed)
+    return AdapterStage(vqgan, UNet3D(unet_cfg), scheduler_cfg, adapter_cfg, stage_settings, data, 1.0,
+                        StageContext(device, seed))
 
 
 class _FlopCount(TorchDispatchMode):

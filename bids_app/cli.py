@@ -25,6 +25,7 @@ from bids_app.errors import (
 from bids_app.settings import ANALYSIS_LEVELS, PRESETS, RunSettings, build_settings, load_config_file
 from bids_app.settings import merge_overrides, settings_to_dict
 from bids_app.settings.fields import field_at, help_text
+from bids_app.settings.legacy import migrate
 
 log = logging.getLogger("bids_app.cli")
 
@@ -156,7 +157,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         raise UnknownLevelError(
             f"unknown analysis level {args.analysis_level!r}: choose {' or '.join(ANALYSIS_LEVELS)}"
         )
-    config = load_config_file(args.config) if "config" in args else {}
+    # Old keys are moved first, so that a flag overrides a setting given under its old name.
+    config = migrate(load_config_file(args.config)) if "config" in args else {}
     cli: dict[str, Any] = {
         "bids_dir": Path(args.bids_dir).absolute(),
         "output_dir": Path(args.output_dir).absolute(),

@@ -9,6 +9,9 @@ import torch
 
 from bids_app import __version__, cli
 from bids_app.errors import ExitCode, UsageError
+from bids_app.settings import PRECISIONS, RunSettings
+from bids_app.settings.fields import field_at, help_text
+from bids_app.settings.segmentation import POLARITIES
 
 from tests.conftest import participant_args, tree_digest
 
@@ -219,40 +222,141 @@ def test_unreadable_label_file_is_usage_error(simple_dataset: Path, tmp_path: Pa
     assert code == ExitCode.USAGE
 
 
+def settings_of(*flags: object):
+    return cli.settings_from_args(cli.parse_args(["b", "o", "participant", *map(str, flags)]))
+
+
 def test_segmentation_flags_reach_the_settings() -> None:
-    args = cli.parse_args(["b", "o", "participant", "--polarity", "dark", "--strength", "0.4", "0.6",
-                           "--n-samples", "3", "--no-adapter"])
-    seg = cli.settings_from_args(args).segmentation
-    assert seg.polarity == "dark" and seg.strengths == (0.4, 0.6) and seg.n_samples == 3 and not seg.use_adapter
-    assert cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation.polarity == "auto"
+    seg = settings_of("--polarity", "dark", "--strength", "0.4", "0.6", "--n-samples", "3", "--no-adapter").segmentation
+    assert seg.residual.polarity == "dark" and seg.counterfactual.strengths == (0.4, 0.6)
+    assert seg.counterfactual.n_samples == 3 and seg.counterfactual.adapter_scale == 0.0
+    default = settings_of().segmentation
+    assert default.residual.polarity == "auto" and default.counterfactual.strengths == (0.8,)
+    assert default.counterfactual.adapter_scale == 1.0
+    assert settings_of("--adapter-scale", "0.5").segmentation.counterfactual.adapter_scale == 0.5
+    assert settings_of("--threshold", "0.3").segmentation.lesions.threshold == 0.3
+    assert settings_of("--strength-sweep", "0.2:0.6:0.2").segmentation.strength_sweep == (0.2, 0.4, 0.6)
+    assert settings_of("--seed", "5").compute.seed == 5
 
 
 def test_grow_flags_reach_the_settings() -> None:
-    def seg(*flags: str):
-        return cli.settings_from_args(cli.parse_args(["b", "o", "participant", *flags])).segmentation
-    assert seg().grow_quantile == 0.995 and seg().grow_median_size == 1
-    assert seg("--grow-quantile", "0.95").grow_quantile == 0.95
-    assert seg("--no-grow").grow_quantile is None
+    assert settings_of().segmentation.lesions.grow_quantile == 0.995
+    assert settings_of("--grow-quantile", "0.95").segmentation.lesions.grow_quantile == 0.95
     with pytest.raises(UsageError, match="exclude each other"):
-        seg("--no-grow", "--grow-quantile", "0.9")
-    with pytest.raises(UsageError, match="grow_quantile"):
-        seg("--grow-quantile", "1.5")
+        settings_of("--no-grow", "--grow-quantile", "0.9")
+    with pytest.raises(UsageError, match="segmentation.lesions.grow_quantile"):
+        settings_of("--grow-quantile", "1.5")
 
 
-def test_noising_flag_reaches_the_settings() -> None:
-    default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
-    assert (default.noising, default.strengths) == ("patch", (0.8,))
-    seg = cli.settings_from_args(cli.parse_args(["b", "o", "participant", "--noising", "region"])).segmentation
-    assert seg.noising == "region"
-    with pytest.raises(UsageError, match="--noising"):
-        cli.parse_args(["b", "o", "participant", "--noising", "everything"])
+def test_no_grow_switches_growth_off() -> None:
+    assert settings_of("--no-grow").segmentation.lesions.grow_quantile is None
 
 
 def test_fast_path_flags_reach_the_settings() -> None:
-    default = cli.settings_from_args(cli.parse_args(["b", "o", "participant"])).segmentation
-    assert (default.batch_size, default.precision, default.compile) == (16, "auto", False)
-    args = cli.parse_args(["b", "o", "participant", "--inference-batch-size", "4", "--precision", "fp16", "--compile"])
-    seg = cli.settings_from_args(args).segmentation
-    assert (seg.batch_size, seg.precision, seg.compile) == (4, "fp16", True)
-    with pytest.raises(UsageError, match="--inference-batch-size"):
-        cli.settings_from_args(cli.parse_args(["b", "o", "participant", "--inference-batch-size", "0"]))
+    default = settings_of().compute
+    assert (default.inference_batch_size, default.precision, default.max_latent_voxels) == (16, "auto", None)
+    compute = settings_of("--inference-batch-size", "4", "--precision", "fp16").compute
+    assert (compute.inference_batch_size, compute.precision) == (4, "fp16")
+    with pytest.raises(UsageError, match="compute.inference_batch_size"):
+        settings_of("--inference-batch-size", "0")
+
+
+def test_overwrite_sets_the_run_setting() -> None:
+    assert settings_of().overwrite is False and settings_of("--overwrite").overwrite is True
+
+
+def _action(flag: str):
+    return next(a for a in cli.build_parser()._actions if flag in a.option_strings)
+
+
+def test_flag_help_and_choices_come_from_the_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: the help text is not wrapped
+    strengths = field_at(RunSettings, "segmentation.counterfactual.strengths")
+    assert strengths.default == (0.8,) and help_text(strengths).endswith("(default: 0.8)")
+    assert help_text(strengths) in cli.build_parser().format_help()
+    assert _action("--strength").help == help_text(strengths)
+    polarity = field_at(RunSettings, "segmentation.residual.polarity")
+    assert tuple(_action("--polarity").choices) == polarity.metadata["choices"] == POLARITIES
+    assert tuple(_action("--precision").choices) == PRECISIONS
+    for flag, path, _ in cli.SETTING_FLAGS:
+        declaration = field_at(RunSettings, path)
+        assert _action(flag).help == help_text(declaration), flag
+        assert _action(flag).choices == declaration.metadata.get("choices"), flag
+    assert _action("--seed").help == help_text(field_at(RunSettings, "compute.seed"))
+
+
+def test_a_polarity_outside_the_declared_choices_is_exit_64(tmp_path: Path, caplog) -> None:
+    assert run_cli(tmp_path, tmp_path / "out", "participant", "--polarity", "up") == ExitCode.USAGE
+    assert "--polarity" in caplog.text and "invalid choice" in caplog.text
+
+
+def test_no_adapter_and_adapter_scale_exclude_each_other(tmp_path: Path, caplog) -> None:
+    code = run_cli(tmp_path, tmp_path / "out", "participant", "--no-adapter", "--adapter-scale", "1")
+    assert code == ExitCode.USAGE
+    assert "exclude each other" in caplog.text
+
+
+@pytest.mark.parametrize("flags", [["--steps", "1"], ["--sampler", "ddim"], ["--noising", "patch"], ["--compile"]],
+                         ids=lambda flags: flags[0])
+def test_removed_flags_are_exit_64(tmp_path: Path, flags: list[str], caplog) -> None:
+    assert flags[0] not in option_strings()
+    assert run_cli(tmp_path, tmp_path / "out", "participant", *flags) == ExitCode.USAGE
+    assert flags[0] in caplog.text
+
+
+def test_an_invalid_flag_value_names_the_setting(tmp_path: Path, caplog) -> None:
+    assert run_cli(tmp_path, tmp_path / "out", "participant", "--n-samples", "0") == ExitCode.USAGE
+    assert "segmentation.counterfactual.n_samples" in caplog.text
+
+
+# --config files of 0.1.0 (flat segmentation keys).
+
+def test_an_old_config_key_lands_on_its_new_path_with_a_warning(tmp_path: Path, caplog) -> None:
+    config = tmp_path / "old.json"
+    config.write_text(json.dumps({"segmentation": {"strengths": [0.6], "polarity": "dark"}}))
+    with caplog.at_level("WARNING"):
+        seg = settings_of("--config", config).segmentation
+    assert seg.counterfactual.strengths == (0.6,) and seg.residual.polarity == "dark"
+    assert "segmentation.strengths is deprecated: it is now segmentation.counterfactual.strengths" in caplog.text
+    assert "segmentation.polarity is deprecated: it is now segmentation.residual.polarity" in caplog.text
+
+
+def test_an_old_config_key_with_the_kept_value_is_accepted_with_a_warning(tmp_path: Path, caplog) -> None:
+    config = tmp_path / "old.yaml"
+    config.write_text("segmentation:\n  steps: 1\n  sampler: ddim\n")
+    with caplog.at_level("WARNING"):
+        settings = settings_of("--config", config)
+    assert settings.segmentation == settings_of().segmentation
+    assert "segmentation.steps was removed" in caplog.text and "segmentation.sampler was removed" in caplog.text
+
+
+@pytest.mark.parametrize("content, key", [("segmentation:\n  noising: region\n", "segmentation.noising"),
+                                          ("segmentation:\n  steps: 10\n", "segmentation.steps"),
+                                          ("training:\n  vqgan:\n    cord_weight: 4\n", "training.vqgan.cord_weight")])
+def test_an_old_config_key_with_a_removed_value_is_exit_64(tmp_path: Path, caplog, content: str, key: str) -> None:
+    config = tmp_path / "old.yaml"
+    config.write_text(content)
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")):
+        settings_of("--config", config)
+    assert run_cli(tmp_path, tmp_path / "out", "participant", "--config", config) == ExitCode.USAGE
+    assert key in caplog.text
+
+
+def test_an_old_config_key_given_under_both_names_must_agree(tmp_path: Path) -> None:
+    config = tmp_path / "both.json"
+    config.write_text(json.dumps({"segmentation": {"strengths": [0.6], "counterfactual": {"strengths": [0.4]}}}))
+    with pytest.raises(UsageError, match="segmentation.counterfactual.strengths is given twice"):
+        settings_of("--config", config)
+
+
+def test_a_flag_overrides_an_old_config_key(tmp_path: Path) -> None:
+    config = tmp_path / "old.json"
+    config.write_text(json.dumps({"segmentation": {"strengths": [0.6]}}))
+    assert settings_of("--config", config, "--strength", "0.4").segmentation.counterfactual.strengths == (0.4,)
+
+
+def test_a_flag_overrides_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "new.json"
+    config.write_text(json.dumps({"segmentation": {"counterfactual": {"strengths": [0.6]}}}))
+    assert settings_of("--config", config).segmentation.counterfactual.strengths == (0.6,)
+    assert settings_of("--config", config, "--strength", "0.4").segmentation.counterfactual.strengths == (0.4,)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bids_app import io as file_io
+from bids_app.bids.derivatives import write_dataset_description
 from bids_app.errors import CannotCreateError, OutputIOError
 from tests.test_derivatives import _files, make_image
 
@@ -117,7 +118,7 @@ def test_parent_under_regular_file_cannot_be_created(tmp_path: Path) -> None:
     with pytest.raises(CannotCreateError):
         file_io.save_nifti_atomic(make_image(), blocker / "x.nii.gz")
     with pytest.raises(CannotCreateError):
-        file_io.write_dataset_description(blocker, "0.1.0", tmp_path)
+        write_dataset_description(blocker, "0.1.0", tmp_path)
 
 
 @pytest.mark.skipif(

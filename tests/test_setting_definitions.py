@@ -75,16 +75,27 @@ def test_every_declared_setting_has_help_and_a_valid_default() -> None:
         dataclasses.replace(SegmentationSettings().counterfactual, patch_size=(2, 2))
 
 
-def _other_value(value: Any, f: dataclasses.Field) -> Any:
-    """A different value the declaration accepts."""
+def _candidates(value: Any, f: dataclasses.Field) -> list[Any]:
+    """Values other than ``value`` that the declaration may accept."""
     choices = f.metadata.get("choices")
     if choices:
-        return next(c for c in choices if c != value)
+        return [c for c in choices if c != value]
     if isinstance(value, tuple):
-        return (*value[:-1], _other_value(value[-1], f))
+        return [(*value[:-1], other) for other in _candidates(value[-1], f)]
     if isinstance(value, int):
-        return value + 1
-    return value / 2 if value else 0.25
+        return [value + 1]
+    return [value / 2, value + (1 - value) / 2, value * 2 + 1] if value else [0.25]
+
+
+def _changed(section: Any, name: str) -> Any:
+    """``section`` with setting ``name`` changed to a value its declaration accepts."""
+    f = {x.name: x for x in dataclasses.fields(section)}[name]
+    for other in _candidates(getattr(section, name), f):
+        try:
+            return dataclasses.replace(section, **{name: other})
+        except UsageError:
+            continue
+    raise AssertionError(f"no other valid value found for {name}")
 
 
 @pytest.mark.parametrize("path", sorted(CALIBRATED))
@@ -92,8 +103,7 @@ def test_each_calibrated_setting_changes_the_identity(path: str) -> None:
     seg = SegmentationSettings()
     *sections, name = path.split(".")[1:]
     section = getattr(seg, sections[0]) if sections else seg
-    f = {x.name: x for x in dataclasses.fields(section)}[name]
-    changed_section = dataclasses.replace(section, **{name: _other_value(getattr(section, name), f)})
+    changed_section = _changed(section, name)
     changed = dataclasses.replace(seg, **{sections[0]: changed_section}) if sections else changed_section
     assert calibration_identity(changed, 0, "m") != calibration_identity(seg, 0, "m")
     assert calibration_identity(seg, 0, "m") == calibration_identity(SegmentationSettings(), 0, "m")

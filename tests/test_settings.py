@@ -13,7 +13,6 @@ from bids_app.settings.segmentation import SegmentationSettings
 
 #: App bug (bids_app.settings.fields.check_fields): a None is accepted only where the default is None,
 #: so the documented ``image_fpr: null`` and ``grow_quantile: null`` are refused.
-NONE_REFUSED = "bug: a declared-nullable setting with a non-None default refuses None (check_fields)"
 
 BASE = {"bids_dir": "/data/bids", "output_dir": "/data/out", "analysis_level": "group"}
 
@@ -130,14 +129,12 @@ def test_nested_segmentation_settings_are_read() -> None:
     assert (seg.calibration.quantile, seg.calibration.image_fpr, seg.strength_sweep) == (0.99, 0.1, (0.2, 0.4))
 
 
-@pytest.mark.xfail(raises=UsageError, strict=True, reason=NONE_REFUSED)
 def test_the_image_false_positive_rate_can_be_switched_off() -> None:
     """``segmentation.calibration.image_fpr: null``: raised until no calibration image has a lesion."""
     seg = build_settings({**BASE, "segmentation": {"calibration": {"image_fpr": None}}}).segmentation
     assert seg.calibration.image_fpr is None
 
 
-@pytest.mark.xfail(raises=UsageError, strict=True, reason=NONE_REFUSED)
 def test_growth_can_be_switched_off() -> None:
     """``segmentation.lesions.grow_quantile: null``: no growth (what --no-grow sets)."""
     seg = build_settings({**BASE, "segmentation": {"lesions": {"grow_quantile": None}}}).segmentation

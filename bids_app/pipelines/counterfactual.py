@@ -32,6 +32,7 @@ from bids_app.pipelines.batching import (
 )
 from bids_app.pipelines.windows import slide, windows
 from bids_app.schedulers import Chain, DDIMScheduler, SchedulerConfig, denoise_chains, patch_sets, start_chain
+from bids_app.settings import PRECISIONS
 from bids_app.settings.segmentation import CounterfactualSettings
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class CounterfactualPipeline:
                  latent_scale: float, adapter: torch.nn.Module | None = None, *,
                  window_shape: Sequence[int], device: str = "cpu", batch_size: int = 16,
                  precision: str = "auto", max_latent_voxels: int | None = None) -> None:
+        if int(batch_size) < 1 or precision not in PRECISIONS:
+            raise ValueError(f"need batch_size >= 1 and precision in {PRECISIONS}, got {batch_size}, {precision!r}")
         prepare_for_inference(vqgan, unet, adapter)
         self.vqgan, self.unet, self.adapter = vqgan, unet, adapter
         self.scheduler_config, self.latent_scale = scheduler_config, float(latent_scale)

@@ -62,7 +62,7 @@ def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, 
 
     ``calibrated``: the calibrated threshold holds only for this value (part of the calibration's
     identity and of every output's sidecar). ``sidecar``: the sidecar key (default: CamelCase).
-    ``None`` is always valid where the default is None.
+    ``None`` is valid where the field's type allows it.
     """
     metadata = {"help": help, "choices": choices, "rule": rule, "calibrated": calibrated, "sidecar": sidecar}
     return field(default=default, metadata=metadata)
@@ -96,10 +96,11 @@ def help_text(f: Field) -> str:
 
 def check_fields(obj: Any, where: str) -> None:
     """Validate every declared field of a settings dataclass; UsageError (64) names the setting."""
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         choices, rule = f.metadata.get("choices"), f.metadata.get("rule")
-        if value is None and f.default is None:
+        if value is None and type(None) in typing.get_args(hints[f.name]):
             continue
         if choices is not None and value not in choices:
             raise UsageError(f"{where}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -23,7 +23,6 @@ from bids_app.schedulers import DDIMScheduler, SchedulerConfig
 from bids_app.settings import StageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.diffusion import encode_latent, latent_grid, masked_loss, noisy_batch, patch_weights
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,10 @@ class AdapterStage:
     name = "adapter"
 
     def __init__(self, vqgan: Any, unet: Any, scheduler_config: SchedulerConfig, config: AdapterConfig,
-                 settings: StageSettings, train_data: Any, scale: float, device: str, seed: int,
-                 dist: Distributed = SINGLE, patch_fraction: float = 0.0,
+                 settings: StageSettings, train_data: Any, scale: float,
+                 context: loop.StageContext = loop.StageContext(), *, patch_fraction: float = 0.0,
                  patch_max_size: tuple[int, int, int] = (3, 3, 4)) -> None:
+        device, seed, dist = context.device, context.seed, context.dist
         torch.manual_seed(seed)
         self.patch_fraction, self.patch_max_size = patch_fraction, tuple(patch_max_size)
         self.dist = dist

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -163,11 +162,10 @@ class DiffusionStage:
         settings: DiffusionStageSettings,
         train_data: Any,
         scale: float,
-        device: str,
-        seed: int,
-        figures_dir: Path | None = None,
-        dist: Distributed = SINGLE,
+        context: loop.StageContext = loop.StageContext(),
     ) -> None:
+        device, seed, dist = context.device, context.seed, context.dist
+        figures_dir = context.figures
         torch.manual_seed(seed)
         self.dist = dist
         self.vqgan = vqgan.to(device).eval().requires_grad_(False)

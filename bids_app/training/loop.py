@@ -41,6 +41,16 @@ LOSSES_NAME = "losses.jsonl"
 
 
 @dataclass(frozen=True)
+class StageContext:
+    """Where and how a stage trains: the device, the seed of its draws, the processes, its figures."""
+
+    device: str = "cpu"
+    seed: int = 0
+    dist: Distributed = SINGLE
+    figures: Path | None = None
+
+
+@dataclass(frozen=True)
 class StageResult:
     steps: int
     stopped_by: str

@@ -52,8 +52,9 @@ class TrainingRun:
         return self.settings.work_dir / "cache"
 
     @property
-    def figures(self) -> Path | None:
-        return self.settings.model_dir / "figures" if self.dist.is_main else None
+    def context(self) -> loop.StageContext:
+        figures = self.settings.model_dir / "figures" if self.dist.is_main else None
+        return loop.StageContext(self.device, self.seed, self.dist, figures)
 
     @property
     def augment(self) -> AugmentationSettings | None:
@@ -84,8 +85,8 @@ def plan_vqgan(run: TrainingRun) -> StagePlan:
     augment = AugmentationSettings(crop_shape=tuple(crop)) if run.augment and crop else run.augment
     train, validation = run.prepared.datasets(run.cache, run.seed, augment)
     return StagePlan(config.to_dict(),
-                     lambda: VQGANStage(config, disc_config, settings.training.vqgan, train, validation, run.device,
-                                        run.seed, run.figures, run.dist),
+                     lambda: VQGANStage(config, disc_config, settings.training.vqgan, train, validation,
+                                        run.context),
                      lambda _: {"discriminator": disc_config.to_dict()})
 
 
@@ -111,8 +112,7 @@ def plan_diffusion(run: TrainingRun) -> StagePlan:
         scale = latent_scale(vqgan, TrainingVolumes(run.prepared.train, run.prepared.plan, run.cache), run.device,
                              run.dist)
         log.info("diffusion: latent scale factor %.4f (1 / std of the training latents)", scale)
-        return DiffusionStage(vqgan, config, scheduler, settings.training.diffusion, train, scale, run.device,
-                              run.seed, run.figures, run.dist)
+        return DiffusionStage(vqgan, config, scheduler, settings.training.diffusion, train, scale, run.context)
 
     return StagePlan({**config.to_dict(), "vqgan_sha256": run.summary["vqgan"]["sha256"]}, build,
                      lambda stage: {"scheduler": scheduler.to_dict(), "latent_scale": stage.scale})
@@ -135,8 +135,8 @@ def plan_adapter(run: TrainingRun) -> StagePlan | None:
     return StagePlan(
         {**config.to_dict(), "diffusion_sha256": diffusion["sha256"]},
         lambda: AdapterStage(vqgan, unet, SchedulerConfig.from_dict(diffusion["scheduler"]), config,
-                             settings.training.adapter, data, float(diffusion["latent_scale"]), run.device, run.seed,
-                             run.dist, patched.patch_fraction, tuple(patched.patch_max_size)),
+                             settings.training.adapter, data, float(diffusion["latent_scale"]), run.context,
+                             patch_fraction=patched.patch_fraction, patch_max_size=tuple(patched.patch_max_size)),
         lambda _: {"control": list(settings.selection.control_names) or "cord mask", "n_images": len(samples),
                    "patch_fraction": patched.patch_fraction, "patch_max_size": list(patched.patch_max_size)})
 

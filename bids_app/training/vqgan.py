@@ -16,7 +16,6 @@ from every rank's latents (:meth:`VQGANStage._synchronise_codebook`).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -39,7 +38,6 @@ from bids_app.models.vqgan import VQGAN, VQGANConfig
 from bids_app.settings import VQGANStageSettings
 from bids_app.training import loop
 from bids_app.training.checkpoint import restore_rng_state, rng_state
-from bids_app.distributed import SINGLE, Distributed
 from bids_app.training.figures import save_volume_figure
 from bids_app.training.perceptual import PerceptualLoss
 
@@ -63,11 +61,10 @@ class VQGANStage:
         settings: VQGANStageSettings,
         train_data: Any,
         validation_data: Any,
-        device: str,
-        seed: int,
-        figures_dir: Path | None = None,
-        dist: Distributed = SINGLE,
+        context: loop.StageContext = loop.StageContext(),
     ) -> None:
+        device, seed, dist = context.device, context.seed, context.dist
+        figures_dir = context.figures
         torch.manual_seed(seed)
         self.config, self.disc_config, self.settings = config, disc_config, settings
         self.train_data, self.validation_data = train_data, validation_data

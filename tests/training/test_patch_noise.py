@@ -141,6 +141,7 @@ def _adapter_stage(fraction: float):
     from bids_app.schedulers import SchedulerConfig
     from bids_app.settings import StageSettings
     from bids_app.training.adapter import AdapterStage
+    from bids_app.training.loop import StageContext
 
     class VQGAN(torch.nn.Module, _FakeVQGAN):
         def __init__(self) -> None:
@@ -162,7 +163,7 @@ def _adapter_stage(fraction: float):
     unet = _RecordingUNet()
     settings = StageSettings(max_steps=1, batch_size=2, learning_rate=1e-3)
     stage = AdapterStage(VQGAN(), unet, SchedulerConfig(num_train_timesteps=100), config, settings, Data(),
-                         1.0, "cpu", seed=0, patch_fraction=fraction, patch_max_size=(1, 1, 1))
+                         1.0, StageContext("cpu", 0), patch_fraction=fraction, patch_max_size=(1, 1, 1))
     return stage, unet
 
 

@@ -42,7 +42,7 @@ DISC = DiscriminatorConfig(base=4, n_layers=2, norm_groups=2, slices_per_volume=
 
 def vq_stage() -> VQGANStage:
     data = TensorVolumes()
-    return VQGANStage(tiny_config(), DISC, VQ_SETTINGS, data, data, "cpu", seed=5)
+    return VQGANStage(tiny_config(), DISC, VQ_SETTINGS, data, data, loop.StageContext("cpu", seed=5))
 
 
 def diffusion_stage() -> DiffusionStage:
@@ -50,7 +50,8 @@ def diffusion_stage() -> DiffusionStage:
     vqgan = VQGAN(tiny_config()).eval()
     unet = UNet3DConfig.tiny(tiny_config().embedding_dim, channel_mults=(1,), attention_levels=(True,))
     settings = DiffusionStageSettings(max_steps=6, batch_size=2, learning_rate=1e-3, ema_decay=0.5, figure_every=0)
-    return DiffusionStage(vqgan, unet, SchedulerConfig(num_train_timesteps=100), settings, TensorVolumes(), 2.0, "cpu", 7)
+    return DiffusionStage(vqgan, unet, SchedulerConfig(num_train_timesteps=100), settings, TensorVolumes(), 2.0,
+                          loop.StageContext("cpu", seed=7))
 
 
 def _resume_matches(make_stage, tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_perceptual_loss_only_with_a_local_feature_extractor(tmp_path: Path, cap
     torch.jit.script(SliceFeatures()).save(str(path))
     data = TensorVolumes()
     settings = VQGANStageSettings(max_steps=2, batch_size=2, disc_start=5, figure_every=0, perceptual_weights=path)
-    metrics = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5).train_step(0)
+    metrics = VQGANStage(tiny_config(), DISC, settings, data, data, loop.StageContext("cpu", seed=5)).train_step(0)
     assert metrics["perceptual"] > 0
 
 
@@ -105,7 +106,7 @@ def test_a_bad_perceptual_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not torchscript")
     settings = VQGANStageSettings(max_steps=2, perceptual_weights=path)
     with pytest.raises(BadDataError, match="TorchScript"):
-        VQGANStage(tiny_config(), DISC, settings, TensorVolumes(), TensorVolumes(), "cpu", seed=5)
+        VQGANStage(tiny_config(), DISC, settings, TensorVolumes(), TensorVolumes(), loop.StageContext("cpu", seed=5))
 
 
 def test_vqgan_stage_checkpoints_activations_unless_switched_off() -> None:
@@ -113,7 +114,7 @@ def test_vqgan_stage_checkpoints_activations_unless_switched_off() -> None:
     assert vq_stage().model.decoder.checkpointing
     data = TensorVolumes()
     settings = VQGANStageSettings(max_steps=2, batch_size=2, figure_every=0, activation_checkpointing=False)
-    stage = VQGANStage(tiny_config(), DISC, settings, data, data, "cpu", seed=5)
+    stage = VQGANStage(tiny_config(), DISC, settings, data, data, loop.StageContext("cpu", seed=5))
     assert not stage.model.encoder.checkpointing and not stage.model.decoder.checkpointing
 
 
@@ -126,7 +127,7 @@ def test_diffusion_cosine_schedule_decays_the_learning_rate() -> None:
         settings = DiffusionStageSettings(max_steps=4, batch_size=2, learning_rate=1e-3, figure_every=0,
                                           lr_schedule=schedule)
         stage = DiffusionStage(vqgan, unet, SchedulerConfig(num_train_timesteps=100), settings, TensorVolumes(), 2.0,
-                               "cpu", 7)
+                               loop.StageContext("cpu", seed=7))
         values = []
         for step in range(4):
             stage.train_step(step)
