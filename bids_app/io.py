@@ -91,6 +91,21 @@ def _remove_quietly(path: Path) -> None:
         logger.warning("could not remove temporary file %s", path)
 
 
+@contextlib.contextmanager
+def _discard_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Remove the temporary file when the block fails; an OSError becomes exit 74 (I/O failure), or
+    73 when not even the temporary file could be created."""
+    try:
+        yield
+    except OSError as exc:
+        created = tmp.exists()
+        _remove_quietly(tmp)
+        raise _error(path, exc, creating=not created) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist the rename; best effort, as some filesystems refuse fsync on directories."""
     try:
@@ -107,19 +122,13 @@ def _fsync_dir(directory: Path) -> None:
 
 def _commit(tmp: Path, path: Path) -> None:
     """fsync ``tmp`` and rename it over ``path``; on failure remove it and raise 73/74."""
-    try:
+    with _discard_on_failure(tmp, path):
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise _error(path, exc, creating=False) from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
     _fsync_dir(path.parent)
 
 
@@ -132,20 +141,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
     except OSError as exc:
         raise _error(path, exc, creating=True) from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            half = len(data) // 2
-            fh.write(data[:half])
-            fh.flush()
-            killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: die with a half-written temp
-            fh.write(data[half:])
-            fh.flush()
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise _error(path, exc, creating=False) from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with _discard_on_failure(tmp, path), os.fdopen(fd, "wb") as fh:
+        half = len(data) // 2
+        fh.write(data[:half])
+        fh.flush()
+        killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: die with a half-written temp
+        fh.write(data[half:])
+        fh.flush()
     _commit(tmp, path)
     logger.debug("wrote %s", path)
     return path
@@ -177,16 +179,9 @@ def save_nifti_atomic(img: Any, path: str | Path) -> Path:
     ensure_parent(path)
     # nibabel picks format and compression from the name, so the temp name keeps the extension.
     tmp = _temp_path(path.with_name(path.name[: -len(ext)]), suffix=f".tmp{ext}")
-    try:
+    with _discard_on_failure(tmp, path):
         nib.save(img, tmp)
         killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: complete temp, no final file
-    except OSError as exc:
-        created = tmp.exists()
-        _remove_quietly(tmp)
-        raise _error(path, exc, creating=not created) from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
     _commit(tmp, path)
     logger.debug("wrote %s", path)
     return path
