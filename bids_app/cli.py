@@ -24,7 +24,7 @@ from bids_app.errors import (
 )
 from bids_app.settings import ANALYSIS_LEVELS, PRESETS, RunSettings, build_settings, load_config_file
 from bids_app.settings import merge_overrides, settings_to_dict
-from bids_app.settings.fields import field_at, help_text
+from bids_app.settings.fields import field_at, help_text, set_path
 from bids_app.settings.legacy import migrate
 
 log = logging.getLogger("bids_app.cli")
@@ -202,30 +202,23 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     for flag, path, _ in SETTING_FLAGS:
         name = flag[2:].replace("-", "_")
         if name in args:
-            _put(cli, path, getattr(args, name))
+            set_path(cli, path, getattr(args, name))
     if "grow_quantile" in args and "no_grow" in args:
         raise UsageError("--grow-quantile and --no-grow exclude each other")
     if "no_grow" in args:
-        _put(cli, "segmentation.lesions.grow_quantile", None)
+        set_path(cli, "segmentation.lesions.grow_quantile", None)
     if "adapter_scale" in args and "no_adapter" in args:
         raise UsageError("--adapter-scale and --no-adapter exclude each other")
     if "no_adapter" in args:
-        _put(cli, "segmentation.counterfactual.adapter_scale", 0.0)
+        set_path(cli, "segmentation.counterfactual.adapter_scale", 0.0)
     if "strength_sweep" in args:
-        _put(cli, "segmentation.strength_sweep", parse_sweep(args.strength_sweep))
+        set_path(cli, "segmentation.strength_sweep", parse_sweep(args.strength_sweep))
     if "overwrite" in args:
         cli["overwrite"] = args.overwrite
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
     if compute:
         cli["compute"] = {**cli.get("compute", {}), **compute}
     return build_settings(merge_overrides(config, cli))
-
-
-def _put(values: dict[str, Any], path: str, value: Any) -> None:
-    *sections, key = path.split(".")
-    for section in sections:
-        values = values.setdefault(section, {})
-    values[key] = value
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:

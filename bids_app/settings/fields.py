@@ -86,6 +86,14 @@ def field_at(cls: type, path: str) -> Field:
     return declared(cls)[name]
 
 
+def set_path(values: dict[str, Any], path: str, value: Any) -> None:
+    """Put ``value`` at a dotted path of a nested dict of settings, creating sections as needed."""
+    *sections, key = path.split(".")
+    for section in sections:
+        values = values.setdefault(section, {})
+    values[key] = value
+
+
 def help_text(f: Field) -> str:
     """The field's help with its default, for ``--help``."""
     default = f.default

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Mapping
 
 from bids_app.errors import UsageError
+from bids_app.settings.fields import set_path
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,8 @@ def _get(values: Mapping[str, Any], path: str) -> Any:
 
 
 def _put(values: dict[str, Any], path: str, value: Any) -> None:
-    *sections, key = path.split(".")
-    node = values
-    for part in sections:
-        node = node.setdefault(part, {})
-    if key in node and node[key] != value:
+    section, _, key = path.rpartition(".")
+    holder = _get(values, section) if section else values
+    if isinstance(holder, Mapping) and key in holder and holder[key] != value:
         raise UsageError(f"setting {path} is given twice, under its old and its new name, with different values")
-    node[key] = value
+    set_path(values, path, value)
