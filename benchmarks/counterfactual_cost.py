@@ -169,8 +169,7 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
     image = np.random.default_rng(0).uniform(-1, 1, size=tuple(args.shape)).astype(np.float32)
     compute = method_compute(args.child)
     pipeline = CounterfactualPipeline(vqgan, counter, SchedulerConfig(prediction_type="v_prediction"), 1.0,
-                                      window_shape=image.shape, device=args.device,
-                                      batch_size=compute.inference_batch_size)
+                                      window_shape=image.shape, device=args.device, compute=compute)
     settings = strength_settings(args).counterfactual
 
     def once() -> tuple[float, int]:

@@ -32,7 +32,7 @@ from bids_app.pipelines.batching import (
 )
 from bids_app.pipelines.windows import slide, windows
 from bids_app.schedulers import Chain, DDIMScheduler, SchedulerConfig, denoise_chains, patch_sets, start_chain
-from bids_app.settings import PRECISIONS
+from bids_app.settings import ComputeSettings
 from bids_app.settings.segmentation import CounterfactualSettings
 
 log = logging.getLogger(__name__)
@@ -102,29 +102,25 @@ class CounterfactualPipeline:
     """The loaded components and how to run them; call it on a model-space volume.
 
     ``window_shape``: the models' input shape (the plan's); larger volumes are covered by
-    overlapping windows. ``batch_size``, ``precision`` and ``max_latent_voxels`` change speed and
-    memory, never the result beyond float rounding.
+    overlapping windows. ``compute`` (inference batch size, precision, tiled decoding) changes
+    speed and memory, never the result beyond float rounding.
     """
 
     def __init__(self, vqgan: torch.nn.Module, unet: torch.nn.Module, scheduler_config: SchedulerConfig,
                  latent_scale: float, adapter: torch.nn.Module | None = None, *,
-                 window_shape: Sequence[int], device: str = "cpu", batch_size: int = 16,
-                 precision: str = "auto", max_latent_voxels: int | None = None) -> None:
-        if int(batch_size) < 1 or precision not in PRECISIONS:
-            raise ValueError(f"need batch_size >= 1 and precision in {PRECISIONS}, got {batch_size}, {precision!r}")
+                 window_shape: Sequence[int], device: str = "cpu", compute: ComputeSettings = ComputeSettings()) -> None:
         prepare_for_inference(vqgan, unet, adapter)
         self.vqgan, self.unet, self.adapter = vqgan, unet, adapter
         self.scheduler_config, self.latent_scale = scheduler_config, float(latent_scale)
         self.window_shape = tuple(int(n) for n in window_shape)
-        self.device, self.batch_size, self.precision = device, int(batch_size), precision
-        self.max_latent_voxels = max_latent_voxels
+        self.device, self.batch_size, self.precision = device, compute.inference_batch_size, compute.precision
+        self.max_latent_voxels = compute.max_latent_voxels
 
     @classmethod
-    def from_models(cls, models: Any, device: str, compute: Any) -> CounterfactualPipeline:
+    def from_models(cls, models: Any, device: str, compute: ComputeSettings) -> CounterfactualPipeline:
         """From loaded :class:`~bids_app.model_store.TrainedModels` and the run's ``compute`` settings."""
         return cls(models.vqgan, models.unet, models.scheduler_config, models.latent_scale, models.adapter,
-                   window_shape=models.plan.target_shape, device=device, batch_size=compute.inference_batch_size,
-                   precision=compute.precision, max_latent_voxels=compute.max_latent_voxels)
+                   window_shape=models.plan.target_shape, device=device, compute=compute)
 
     def steers(self, control: np.ndarray | None, settings: CounterfactualSettings) -> bool:
         """Whether the adapter steers the denoising of an image with this control mask."""

@@ -107,9 +107,8 @@ class VQGANStageSettings(StageSettings):
     crop_shape: tuple[int, ...] | None = None
     perceptual_weights: Path | None = None  # a local TorchScript feature extractor (never downloaded)
     perceptual_weight: float = 0.1
-    #: Recompute the autoencoder's blocks in the backward instead of keeping their activations: 13% more
-    #: FLOPs (only what each backward needs is recomputed), a third of the memory (docs/benchmarks.md: a
-    #: 32x128x128 step of the default model peaks at 2.4 GB instead of 7.8 GB). Off: faster where memory is plentiful.
+    #: Recompute the autoencoder's blocks in the backward instead of keeping their activations: a few
+    #: more FLOPs for a third of the memory (docs/benchmarks.md). Off: faster where memory is plentiful.
     activation_checkpointing: bool = True
 
 

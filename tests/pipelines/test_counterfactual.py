@@ -40,7 +40,8 @@ def _pipeline(models, *, adapter: bool = False, unet: torch.nn.Module | None = N
               batch_size: int = 16) -> CounterfactualPipeline:
     vqgan, plain_unet, adapter_model = models
     return CounterfactualPipeline(vqgan, unet if unet is not None else plain_unet, SCHEDULE, latent_scale,
-                                  adapter_model if adapter else None, window_shape=WINDOW, batch_size=batch_size)
+                                  adapter_model if adapter else None, window_shape=WINDOW,
+                                  compute=ComputeSettings(inference_batch_size=batch_size))
 
 
 def _settings(**overrides) -> CounterfactualSettings:
