@@ -221,6 +221,10 @@ def _write_sweep(settings: RunSettings, models: TrainedModels, pipeline: Counter
 
 def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any]) -> None:
     """A warning naming each calibrated setting that differs from what the threshold was calibrated with."""
+    if "segmentation" not in identity:
+        log.warning("the threshold was calibrated by counterseg 0.1.0, which did not store its settings as this "
+                    "version does: they cannot be checked; rerun the group stage calibrate to record them")
+        return
     now = _flatten(calibrated_values(settings.segmentation))
     then = _flatten(identity.get("segmentation", {}))
     differing = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))

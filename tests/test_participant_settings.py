@@ -68,4 +68,4 @@ def test_a_calibration_of_an_earlier_version_warns(caplog: pytest.LogCaptureFixt
     old = {"models_sha256": "abc", "strengths": [0.8], "polarity": "auto", "quantile": 0.999, "seed": 0}
     with caplog.at_level(logging.WARNING):
         _warn_if_settings_differ(settings_with(), old)
-    assert "segmentation settings differ" in caplog.text and "segmentation.counterfactual.strengths: None" in caplog.text
+    assert "calibrated by counterseg 0.1.0" in caplog.text and "rerun the group stage calibrate" in caplog.text
