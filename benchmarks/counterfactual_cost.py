@@ -6,7 +6,8 @@
 With a trained model (first form) every method runs the participant level's own procedure
 (:func:`bids_app.pipelines.segment.native_residual` with the app's segmentation settings) on the
 model's healthy validation images and on the lesion images of BIDS_DIR; each is calibrated like
-the app and scored with the app's Dice at that threshold. Methods:
+the app and scored by the Dice of its lesions at that threshold (before they grow: the cost
+comparison needs no more). Methods:
 
 - ``batched``: the app (``compute.inference_batch_size`` chains per UNet forward);
 - ``unbatched``: one chain per UNet forward (the same result, the path before batching).
@@ -207,26 +208,28 @@ def table(rows: list[dict[str, Any]], reference: str) -> str:
 
 
 def main() -> int:
+    from bids_app.settings import ComputeSettings
+    from bids_app.settings.segmentation import CounterfactualSettings
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path, nargs="?")
     parser.add_argument("model_dir", type=Path, nargs="?")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--strength", type=float, nargs="+", default=None,
                         help="default: the app's strengths (trained model), 0.4 (random weights, the seed's)")
-    parser.add_argument("--n-samples", type=int, default=1, help="noise draws per strength (averaged)")
+    parser.add_argument("--n-samples", type=int, default=CounterfactualSettings().n_samples,
+                        help="noise draws per strength (averaged; default: the app's)")
     parser.add_argument("--random-weights", action="store_true", help="time one random volume instead")
     parser.add_argument("--preset", default="default", choices=("tiny", "default"))
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 64, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-lesion-images", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=ComputeSettings().seed)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("counterfactual_cost.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.strength is None:
-        from bids_app.settings.segmentation import CounterfactualSettings
-
         args.strength = [0.4] if args.random_weights else list(CounterfactualSettings().strengths)
     if not args.random_weights and (args.bids_dir is None or args.model_dir is None):
         parser.error("BIDS_DIR and MODEL_DIR are needed unless --random-weights")

@@ -165,7 +165,7 @@ def main() -> int:
 
     def mask_of(entry, method, threshold, grow):
         record, region, scores, truth, voxel_mm, growth, detect = entry
-        return lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, 5.0,
+        return lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, seg.lesions.min_lesion_mm3,
                            grow_threshold=grow, grow_residual=growth[method],
                            detection_region=detect)
 
@@ -175,7 +175,8 @@ def main() -> int:
         def lesion_free(record):
             if str(record.image) not in free:
                 entry = prepared[str(record.image)]
-                free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[6], entry[4], 5.0)
+                free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[6], entry[4],
+                                                                     seg.lesions.min_lesion_mm3)
             return free[str(record.image)]
 
         def calibration_on(records):

@@ -52,8 +52,7 @@ def amp_dtype(device: str, precision: str = "auto"):
     """The autocast dtype for ``precision`` (auto, fp32, bf16, fp16) on a device, or None (fp32).
 
     CUDA only: bf16 where supported, else fp16, unless fp32 is asked for. On CPU always fp32: bf16
-    autocast ran 40x slower than fp32 on the 2-core development CPU, which has no bf16 instructions
-    (docs/benchmarks.md).
+    autocast was far slower on a CPU without bf16 instructions (docs/benchmarks.md).
     """
     import torch
 

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 #: training time per step only through its cache; a held-out one costs ~3 s of calibration).
 DEMO_DATASET = {"n_healthy": 14, "n_lesion": 3}
 
-#: Training budget of the demo (tiny preset). Measured with 600/1200/300 steps while another job shared
-#: the 2 cores: group level 16.2 min on one thread, too long, hence these; see README for the time.
+#: Training budget of the demo (tiny preset), sized to fit the demo's 15 minutes on 2 cores with the
+#: participant level (README, "Quick start", has the measured time).
 DEMO_SETTINGS: dict[str, Any] = {
     "preprocessing": {"validation_fraction": 0.57},  # 8 of the 14 healthy participants
     "training": {

@@ -92,15 +92,15 @@ def _remove_quietly(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _discard_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+def _discard_on_failure(tmp: Path, path: Path, creating: bool = False) -> Iterator[None]:
     """Remove the temporary file when the block fails; an OSError becomes exit 74 (I/O failure), or
-    73 when not even the temporary file could be created."""
+    73 when the block was ``creating`` it and could not (:func:`_error`)."""
     try:
         yield
     except OSError as exc:
         created = tmp.exists()
         _remove_quietly(tmp)
-        raise _error(path, exc, creating=not created) from exc
+        raise _error(path, exc, creating=creating and not created) from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -179,7 +179,7 @@ def save_nifti_atomic(img: Any, path: str | Path) -> Path:
     ensure_parent(path)
     # nibabel picks format and compression from the name, so the temp name keeps the extension.
     tmp = _temp_path(path.with_name(path.name[: -len(ext)]), suffix=f".tmp{ext}")
-    with _discard_on_failure(tmp, path):
+    with _discard_on_failure(tmp, path, creating=True):
         nib.save(img, tmp)
         killpoints.reached(f"write:{path.parent.name}/{path.name}")  # test hook: complete temp, no final file
     _commit(tmp, path)

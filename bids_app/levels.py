@@ -17,11 +17,8 @@ from bids_app.bids.images import check_not_placeholders, check_record, inspect_i
 from bids_app.bids.validate import validate_bids_dataset
 from bids_app.errors import BadDataError, BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
-from bids_app.training.preparation import describe as describe_preparation
-from bids_app.training.preparation import prepare_training_data
 from bids_app.distributed import SINGLE, Distributed
 from bids_app.distributed import describe as describe_distributed
-from bids_app.training.group import train_models
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +70,11 @@ def discover_inputs(settings: RunSettings, dist: Distributed = SINGLE) -> Inputs
 def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Group level: select and check the healthy training images, train. Returns the run record
     (rank 0's is the one written; the other ranks only train)."""
+    # Imported here: the participant level never loads the training code.
+    from bids_app.training.group import train_models
+    from bids_app.training.preparation import describe as describe_preparation
+    from bids_app.training.preparation import prepare_training_data
+
     inputs = discover_inputs(settings, dist)
     assert inputs.training is not None
     training = inputs.training

@@ -137,7 +137,8 @@ def segment_one(settings: RunSettings, models: TrainedModels, pipeline: Counterf
                        result.growth if calibration.grow_reference is not None else None,
                        detection_region=result.detection_region)
     extra = {
-        **sidecar_values(seg),
+        # How the threshold was calibrated is the calibration's record, not this run's settings.
+        **sidecar_values(seg, skip=("calibration",)),
         "Seed": seed,
         "ResidualGrid": "native",
         "ResidualPolarity": result.polarity,
@@ -225,8 +226,8 @@ def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any])
         log.warning("the threshold was calibrated by counterseg 0.1.0, which did not store its settings as this "
                     "version does: they cannot be checked; rerun the group stage calibrate to record them")
         return
-    now = _flatten(calibrated_values(settings.segmentation))
-    then = _flatten(identity.get("segmentation", {}))
+    now = {**_flatten(calibrated_values(settings.segmentation)), "compute.seed": settings.compute.seed}
+    then = {**_flatten(identity.get("segmentation", {})), "compute.seed": identity.get("seed")}
     differing = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     if differing:
         log.warning("segmentation settings differ from those the threshold was calibrated with (%s): the "

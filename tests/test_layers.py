@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,16 @@ def test_imports_run_down_the_layers() -> None:
 def test_the_participant_level_never_reaches_training() -> None:
     reached = reachable(graph(), "bids_app.participant")
     assert not {m for m in reached if unit(m) == "training"}
+
+
+def test_the_command_line_and_the_participant_level_load_no_training_code() -> None:
+    """What a participant run imports before and while it runs (the group level imports training
+    inside ``run_group``)."""
+    code = ("import sys; from bids_app import cli, levels, participant, pipelines; "
+            "print(sorted(m for m in sys.modules if m.startswith('bids_app.training')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout.strip()
+    assert loaded == "[]"
 
 
 @pytest.mark.parametrize("low", ["models", "schedulers", "preprocessing"])

@@ -63,6 +63,13 @@ def test_a_setting_applied_after_the_threshold_does_not_warn(caplog: pytest.LogC
     assert "differ" not in caplog.text
 
 
+def test_another_seed_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """The noise draws are part of what the threshold was calibrated on."""
+    with caplog.at_level(logging.WARNING):
+        _warn_if_settings_differ(settings_with(), calibration_identity(SegmentationSettings(), 3, "abc"))
+    assert "compute.seed: 3 now 0" in caplog.text
+
+
 def test_a_calibration_of_an_earlier_version_warns(caplog: pytest.LogCaptureFixture) -> None:
     """0.1.0's identity was flat: none of today's calibrated settings can be matched in it."""
     old = {"models_sha256": "abc", "strengths": [0.8], "polarity": "auto", "quantile": 0.999, "seed": 0}

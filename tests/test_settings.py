@@ -210,6 +210,17 @@ def test_use_adapter_false_is_adapter_scale_zero(caplog: pytest.LogCaptureFixtur
     assert "segmentation.counterfactual.adapter_scale" in caplog.text
 
 
+@pytest.mark.parametrize("use, expected", [(False, 0.0), (True, 0.5)])
+def test_use_adapter_beside_an_old_adapter_scale_keeps_a_0_1_0_config_working(use: bool, expected: float) -> None:
+    seg = build_settings({**BASE, "segmentation": {"use_adapter": use, "adapter_scale": 0.5}}).segmentation
+    assert seg.counterfactual.adapter_scale == expected
+
+
+def test_an_old_key_beside_a_section_that_is_not_a_mapping_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="counterfactual"):
+        build_settings({**BASE, "segmentation": {"counterfactual": 5, "strengths": [0.6]}})
+
+
 @pytest.mark.parametrize("key, value", [
     ("segmentation.steps", 1), ("segmentation.sampler", "ddim"), ("segmentation.eta", 0.0),
     ("segmentation.reference", "both"), ("segmentation.noising", "patch"), ("segmentation.edit_region", "cord"),

@@ -20,9 +20,6 @@ from bids_app.settings.segmentation import SegmentationSettings
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
-
-
 def calibration_identity(seg: SegmentationSettings, seed: int, models_sha256: str) -> dict[str, Any]:
     """What a calibration holds for: the models, the seed and every setting declared ``calibrated``."""
     return {"models_sha256": models_sha256, "seed": seed, "segmentation": calibrated_values(seg)}

@@ -208,7 +208,7 @@ class CounterfactualPipeline:
         scheduler = DDIMScheduler(self.scheduler_config)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return start_chain(scheduler, z0.contiguous(), scheduler.img2img_timesteps(strength, STEPS), generator,
-                           patch, features, clean_context=True)
+                           patch, features)
 
     def _decode(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Decode latents in batches; one at a time when tiled decoding bounds the memory."""

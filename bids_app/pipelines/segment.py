@@ -75,7 +75,7 @@ def native_residual(pipeline: CounterfactualPipeline, plan: PreprocessingPlan, i
     native grid."""
     started = time.monotonic()
     masks = {"cord": item.cord_mask} if item.cord_mask is not None else {}
-    if item.control_mask is not None and pipeline.adapter is not None:
+    if item.control_mask is not None and pipeline.adapter is not None and seg.counterfactual.adapter_scale > 0:
         masks["control"] = item.control_mask
     pre = preprocess(item.image, plan, masks=masks, cover=True)
     region, source = analysis_region(pre.valid, pre.masks.get("cord"), image=pre.image)

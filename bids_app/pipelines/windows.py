@@ -17,7 +17,7 @@ import numpy as np
 EDGE_WEIGHT = 0.05
 
 
-def window_starts(extent: int, size: int, overlap: float = 0.5) -> list[int]:
+def window_starts(extent: int, size: int, overlap: float) -> list[int]:
     """Start indices of windows of ``size`` covering ``extent`` voxels with at least ``overlap``.
 
     Evenly spaced from 0 to ``extent - size`` (both ends included), so every voxel is covered and
@@ -45,7 +45,7 @@ def blend_weights(shape: Sequence[int]) -> np.ndarray:
     return weight
 
 
-def windows(shape: Sequence[int], size: Sequence[int], overlap: float = 0.5) -> Iterator[tuple[slice, ...]]:
+def windows(shape: Sequence[int], size: Sequence[int], overlap: float) -> Iterator[tuple[slice, ...]]:
     """Every window (as slices) of a sliding-window pass over ``shape``."""
     if len(shape) != len(size):
         raise ValueError(f"volume shape {tuple(shape)} and window size {tuple(size)} differ in rank")
@@ -57,7 +57,7 @@ def windows(shape: Sequence[int], size: Sequence[int], overlap: float = 0.5) -> 
 
 
 def slide(volume_shape: Sequence[int], size: Sequence[int],
-          apply: Callable[[int, tuple[slice, ...]], Sequence[np.ndarray]], overlap: float = 0.5) -> list[np.ndarray]:
+          apply: Callable[[int, tuple[slice, ...]], Sequence[np.ndarray]], overlap: float) -> list[np.ndarray]:
     """Blend the outputs of ``apply(window_index, window)`` over a sliding-window pass.
 
     ``apply`` returns any number of window-shaped arrays (the same number for every window: e.g.

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from bids_app.errors import CountersegError
 from bids_app.io import atomic_write_bytes, atomic_write_text
 from bids_app.reports import figures, html
 from bids_app.reports import outputs as out
@@ -195,13 +196,13 @@ def _copy(context: _Context, path: Path) -> str:
 
 
 def _calibration(context: _Context) -> str:
-    from bids_app.segmentation.calibration import Calibration
+    from bids_app.segmentation.calibration import CALIBRATION_FILE, read_calibration_file
 
-    stored = out.read_json(context.model_dir / "calibration.json")
-    if stored is None or "calibration" not in stored:
-        return html.note(f"No calibration in {context.model_dir}: run the group stage calibrate.")
-    calibration = Calibration.from_dict(stored["calibration"])
-    summary = stored.get("summary") or {}
+    try:
+        stored = read_calibration_file(context.model_dir / CALIBRATION_FILE)
+    except CountersegError as exc:
+        return html.note(f"No calibration to show ({exc}): run the group stage calibrate.")
+    calibration, summary = stored.calibration, stored.summary
     above = float((calibration.reference > calibration.threshold).mean())
     rows = [
         ("threshold (residual)", calibration.threshold),

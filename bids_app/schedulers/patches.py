@@ -26,7 +26,7 @@ def _box_classes(n: int, size: int, shift: int, period: int, device: torch.devic
     return ((torch.arange(n, device=device) + shift) // size) % period
 
 
-def patch_sets(editable: Tensor, size: Sequence[int] = (2, 2, 2), period: int = 3, offsets: int = 2) -> list[Tensor]:
+def patch_sets(editable: Tensor, size: Sequence[int], period: int, offsets: int) -> list[Tensor]:
     """Float masks (shape of ``editable``, 1 = noised) that cover every editable latent voxel once
     per grid offset.
 

@@ -26,26 +26,18 @@ BatchedModelFn = Callable[[Tensor, Tensor, Sequence[Any]], Tensor]
 
 @dataclass(frozen=True)
 class KnownRegion:
-    """Where the sample must stay the original (``editable`` 0): RePaint-style replacement.
+    """Where the sample must stay the original (``editable`` 0).
 
-    After every reverse step the voxels outside ``editable`` are reset to the original ``x0``
-    noised with ``noise`` to the step's timestep (x0 itself after the last step), so only the
-    editable part is regenerated, consistently with its true surroundings. ``clean``: they are
-    reset to ``x0`` itself at every step, for a model trained to see clean surroundings next to a
-    noised patch (:mod:`bids_app.schedulers.patches`).
+    At the start and after every reverse step the voxels outside ``editable`` are reset to the
+    clean original ``x0``, so only the editable patch is regenerated and the model sees its true,
+    clean surroundings, as it was trained to (:mod:`bids_app.schedulers.patches`).
     """
 
     x0: Tensor
-    noise: Tensor
     editable: Tensor  # float, broadcastable to x0, 1 = regenerate
-    clean: bool = False
 
-    def apply(self, scheduler: Scheduler, sample: Tensor, t_next: Tensor | None) -> Tensor:
-        if t_next is None or self.clean:
-            known = self.x0
-        else:
-            known = scheduler.add_noise(self.x0, self.noise, t_next.expand(sample.shape[0]))
-        return self.editable * sample + (1 - self.editable) * known
+    def apply(self, sample: Tensor) -> Tensor:
+        return self.editable * sample + (1 - self.editable) * self.x0
 
 
 @dataclass
@@ -79,20 +71,19 @@ class Chain:
         sample = self.scheduler.step(model_output, t, self.sample, self.generator).prev_sample
         self.position += 1
         if self.known is not None:
-            sample = self.known.apply(self.scheduler, sample, None if self.done else self.timestep)
+            sample = self.known.apply(sample)
         self.sample = sample
 
 
 def start_chain(scheduler: Scheduler, x0: Tensor, timesteps: Sequence[int],
                 generator: torch.Generator | None = None, editable: Tensor | None = None,
-                condition: Any = None, clean_context: bool = False) -> Chain:
+                condition: Any = None) -> Chain:
     """Noise x0 to the first of ``timesteps`` (descending; :meth:`Scheduler.img2img_timesteps`): a
     chain ready for :func:`denoise_chains` that runs exactly those steps.
 
     The scheduler is set to these timesteps, so each chain needs a scheduler of its own. The noise
     is drawn with the generator. No timesteps give a finished chain holding x0 itself.
-    ``editable`` (1 = may change) keeps the rest on the original (:class:`KnownRegion`), noised
-    alike or, with ``clean_context``, clean.
+    ``editable`` (1 = may change) keeps the rest on the clean original (:class:`KnownRegion`).
     """
     if not len(timesteps):
         return Chain(scheduler, torch.zeros(0, dtype=torch.long, device=x0.device), x0, generator, None, condition)
@@ -101,9 +92,9 @@ def start_chain(scheduler: Scheduler, x0: Tensor, timesteps: Sequence[int],
     noise = draw_noise(x0, generator)
     t = steps[0].expand(x0.shape[0])
     noisy = scheduler.add_noise(x0, noise, t)
-    known = KnownRegion(x0, noise, editable.to(x0.dtype), clean_context) if editable is not None else None
+    known = KnownRegion(x0, editable.to(x0.dtype)) if editable is not None else None
     if known is not None:
-        noisy = known.apply(scheduler, noisy, t[:1])
+        noisy = known.apply(noisy)
     return Chain(scheduler, steps, noisy, generator, known, condition, int(steps[0]))
 
 

@@ -144,6 +144,10 @@ class Calibration:
             raise ValueError(f"malformed calibration: {exc}") from None
 
 
+#: The calibration file's name in a model directory.
+CALIBRATION_FILE = "calibration.json"
+
+
 @dataclass(frozen=True)
 class CalibrationFile:
     """The model directory's calibration file: what the threshold holds for (``identity``: the

@@ -91,6 +91,8 @@ def set_path(values: dict[str, Any], path: str, value: Any) -> None:
     *sections, key = path.split(".")
     for section in sections:
         values = values.setdefault(section, {})
+        if not isinstance(values, dict):
+            raise UsageError(f"setting {path!r}: {section!r} must be a mapping of settings")
     values[key] = value
 
 
@@ -135,13 +137,15 @@ def calibrated_values(obj: Any) -> dict[str, Any]:
     return values
 
 
-def sidecar_values(obj: Any) -> dict[str, Any]:
-    """The ``calibrated`` fields of a settings tree under their sidecar keys (flat, CamelCase)."""
+def sidecar_values(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``calibrated`` fields of a settings tree under their sidecar keys (flat, CamelCase),
+    leaving out the sections named in ``skip``."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            values.update(sidecar_values(value))
+            if f.name not in skip:
+                values.update(sidecar_values(value))
         elif f.metadata.get("calibrated"):
             values[f.metadata.get("sidecar") or camel_case(f.name)] = to_jsonable(value)
     return values

@@ -56,16 +56,16 @@ def migrate(values: Mapping[str, Any]) -> dict[str, Any]:
     values = _copy(values)
     segmentation = values.get("segmentation")
     if isinstance(segmentation, dict):
-        if "use_adapter" in segmentation:
-            use = segmentation.pop("use_adapter")
-            log.warning("setting segmentation.use_adapter is deprecated: use segmentation.counterfactual."
-                        "adapter_scale (0: no adapter)")
-            if use is False:
-                _put(values, "segmentation.counterfactual.adapter_scale", 0.0)
+        use_adapter = segmentation.pop("use_adapter", None)
         for key in [k for k in segmentation if k in MOVED]:
             new = MOVED[key]
             log.warning("setting segmentation.%s is deprecated: it is now %s", key, new)
             _put(values, new, segmentation.pop(key))
+        if use_adapter is not None:
+            log.warning("setting segmentation.use_adapter is deprecated: use segmentation.counterfactual."
+                        "adapter_scale (0: no adapter)")
+            if use_adapter is False:  # switched off, whatever scale it had
+                set_path(values, "segmentation.counterfactual.adapter_scale", 0.0)
     for path, (kept, meaning) in REMOVED.items():
         section, _, key = path.rpartition(".")
         holder = _get(values, section)

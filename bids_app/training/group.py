@@ -21,10 +21,15 @@ from bids_app.distributed import SINGLE, Distributed
 from bids_app.io import remove_leftover_temp_files
 from bids_app.model_card import MODEL_CARD, write_model_card
 from bids_app.model_store import CONFIG_FILE, WEIGHTS_FILE, load_components
-from bids_app.pipelines.calibrate import CALIBRATION_FILE, calibration_identity, run_calibration
+from bids_app.pipelines.calibrate import calibration_identity, run_calibration
 from bids_app.pipelines.counterfactual import CounterfactualPipeline
 from bids_app.pipelines.segment import ImageInput
-from bids_app.segmentation.calibration import CalibrationFile, read_calibration_file, write_calibration_file
+from bids_app.segmentation.calibration import (
+    CALIBRATION_FILE,
+    CalibrationFile,
+    read_calibration_file,
+    write_calibration_file,
+)
 from bids_app.settings import RunSettings
 from bids_app.training.preparation import PreparedData
 from bids_app.training.stages import STAGES, TrainingRun, finished_record, train_stage

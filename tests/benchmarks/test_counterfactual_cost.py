@@ -9,6 +9,7 @@ import torch
 from benchmarks.counterfactual_cost import METHODS, CountingUNet, method_compute, run_random, table
 from bids_app.schedulers import patch_sets
 from bids_app.settings import ComputeSettings
+from bids_app.settings.segmentation import CounterfactualSettings
 
 
 def test_methods_differ_only_in_the_batch() -> None:
@@ -31,7 +32,9 @@ def test_random_weights_run_the_app_pipeline_with_the_same_evaluations() -> None
                               seed=0, repeats=1)
     rows = {m: run_random(argparse.Namespace(**vars(args), child=m)) for m in METHODS}
     # One one-step chain per patch set of the 4^3 latent (the tiny VQ-GAN downsamples 4x).
-    chains = len(patch_sets(torch.ones(4, 4, 4, dtype=torch.bool)))
+    layout = CounterfactualSettings()
+    chains = len(patch_sets(torch.ones(4, 4, 4, dtype=torch.bool), layout.patch_size, layout.patch_period,
+                            layout.patch_offsets))
     assert chains > 1
     assert rows["batched"]["unet_evaluations_per_image"] == rows["unbatched"]["unet_evaluations_per_image"] == chains
 

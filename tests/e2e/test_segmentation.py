@@ -53,7 +53,6 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Strengths"] == [0.5]
         # The image-level rule: the threshold predicts a 5 % healthy image false-positive rate.
         assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.05
-        assert sidecar["CalibrationQuantile"] == 0.999
         assert sidecar["DetectionInsetMM"] == 1.0 and sidecar["ResidualGrid"] == "native"
         assert sidecar["CalibrationImages"] >= 1
         # Hysteresis: lesions grow over the unsmoothed residual to its healthy 0.995 quantile.

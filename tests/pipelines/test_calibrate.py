@@ -25,9 +25,6 @@ from bids_app.segmentation.lesions import lesion_free_threshold
 from bids_app.settings.segmentation import (CalibrationSettings, CounterfactualSettings, LesionSettings,
                                             ResidualSettings, SegmentationSettings)
 
-#: App bug (bids_app.settings.fields.check_fields): a None is accepted only where the default is None,
-#: so the documented ``image_fpr: null`` and ``grow_quantile: null`` are refused.
-
 IMAGES = [ImageInput(f"sub-0{i}_T2w", Path(f"/b/sub-0{i}/anat/sub-0{i}_T2w.nii.gz")) for i in (1, 2)]
 
 

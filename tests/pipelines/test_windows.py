@@ -27,7 +27,7 @@ def test_window_starts_cover_everything_inside_the_volume(extent: int, size: int
 
 def test_window_starts_reject_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        window_starts(10, 0)
+        window_starts(10, 0, 0.5)
     with pytest.raises(ValueError):
         window_starts(10, 4, overlap=1.0)
 
@@ -47,27 +47,27 @@ def test_slide_of_the_identity_returns_the_volume() -> None:
         seen.append(index)
         return [volume[window], 2 * volume[window]]
 
-    same, double = slide(volume.shape, (16, 16, 16), apply)
+    same, double = slide(volume.shape, (16, 16, 16), apply, 0.5)
     np.testing.assert_allclose(same, volume, atol=1e-6)
     np.testing.assert_allclose(double, 2 * volume, atol=1e-5)
-    assert seen == list(range(len(list(windows(volume.shape, (16, 16, 16))))))
+    assert seen == list(range(len(list(windows(volume.shape, (16, 16, 16), 0.5)))))
     assert len(seen) == 2 * 5  # two windows across 20 voxels, five along 45 at half overlap
 
 
 def test_slide_blends_disagreeing_windows_smoothly() -> None:
     """Each window outputs its own index: the blend stays between neighbours and is monotone."""
-    blended, = slide((8, 8, 40), (8, 8, 8), lambda i, w: [np.full((8, 8, 8), float(i))])
+    blended, = slide((8, 8, 40), (8, 8, 8), lambda i, w: [np.full((8, 8, 8), float(i))], 0.5)
     profile = blended[4, 4]
-    assert profile[0] == 0 and profile[-1] == len(window_starts(40, 8)) - 1
+    assert profile[0] == 0 and profile[-1] == len(window_starts(40, 8, 0.5)) - 1
     assert np.all(np.diff(profile) >= -1e-6)
 
 
 def test_windows_refuse_a_volume_smaller_than_the_window() -> None:
     with pytest.raises(ValueError, match="smaller"):
-        list(windows((8, 8, 4), (8, 8, 8)))
+        list(windows((8, 8, 4), (8, 8, 8), 0.5))
 
 
-def test_windowed_counterfactuals_equal_one_window_and_keep_the_image_at_strength_zero() -> None:
+def test_the_pipeline_over_one_window_equals_that_window_and_keeps_the_image_at_strength_zero() -> None:
     from bids_app.models.unet3d import UNet3D, UNet3DConfig
     from bids_app.models.vqgan import VQGAN, VQGANConfig
     from bids_app.pipelines.counterfactual import CounterfactualPipeline, Window

@@ -1,7 +1,7 @@
 """The contract every scheduler must satisfy, as a mixin (diffusers' SchedulerCommonTest habit).
 
-A test class mixes this in and defines ``make(config)``; class attribute ``stochastic`` says
-whether ``step`` draws noise. Sizes are tiny; float64 where the check is about the maths.
+A test class mixes this in and defines ``make(config)``. Sizes are tiny; float64 where the check
+is about the maths.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ def oracle(scheduler: Scheduler, x0: torch.Tensor):
 
 
 class SchedulerContract:
-    stochastic: bool = False
 
     def make(self, config: SchedulerConfig | None = None) -> Scheduler:
         raise NotImplementedError
@@ -195,8 +194,7 @@ class SchedulerContract:
         for i in range(SHAPE[0]):
             single = scheduler.step(output[i:i + 1], t[i], sample[i:i + 1], torch.Generator().manual_seed(0))
             torch.testing.assert_close(batched.pred_original_sample[i:i + 1], single.pred_original_sample)
-            if not self.stochastic:
-                torch.testing.assert_close(batched.prev_sample[i:i + 1], single.prev_sample)
+            torch.testing.assert_close(batched.prev_sample[i:i + 1], single.prev_sample)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_step_keeps_the_sample_dtype(self, dtype: torch.dtype) -> None:
@@ -218,10 +216,7 @@ class SchedulerContract:
             return denoise(model_fn, scheduler, start, scheduler.timesteps, torch.Generator().manual_seed(seed))
 
         assert torch.equal(run(0), run(0))
-        if self.stochastic:
-            assert not torch.equal(run(0), run(1))
-        else:
-            assert torch.equal(run(0), run(1))
+        assert torch.equal(run(0), run(1)), "a deterministic step draws nothing from the generator"
 
     def test_last_step_adds_no_noise(self) -> None:
         scheduler = self.make()

@@ -36,13 +36,13 @@ def test_boxes_of_one_set_are_a_period_apart() -> None:
 
 
 def test_empty_region_gives_no_patches() -> None:
-    assert patch_sets(torch.zeros(4, 4, 4, dtype=torch.bool)) == []
+    assert patch_sets(torch.zeros(4, 4, 4, dtype=torch.bool), (2, 2, 2), 3, 2) == []
 
 
 @pytest.mark.parametrize("kwargs", [{"size": (0, 2, 2)}, {"period": 0}, {"offsets": 0}, {"size": (2, 2)}])
 def test_bad_layouts_are_refused(kwargs) -> None:
     with pytest.raises(ValueError):
-        patch_sets(torch.ones(4, 4, 4, dtype=torch.bool), **kwargs)
+        patch_sets(torch.ones(4, 4, 4, dtype=torch.bool), **{"size": (2, 2, 2), "period": 3, "offsets": 2, **kwargs})
 
 
 def test_random_boxes_sit_in_the_region_within_the_size_limit() -> None:

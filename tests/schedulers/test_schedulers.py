@@ -1,4 +1,4 @@
-"""Schedules, config, and the scheduler contract run on DDIM (deterministic and with eta); known regions."""
+"""Schedules, config, and the scheduler contract run on DDIM; known regions; chains denoised together."""
 from __future__ import annotations
 
 import json
@@ -23,17 +23,8 @@ def one_thread():
 
 # -- the contract, on each scheduler ------------------------------------------------------------
 class TestDDIM(SchedulerContract):
-    stochastic = False
-
     def make(self, config: SchedulerConfig | None = None) -> DDIMScheduler:
-        return DDIMScheduler(config, eta=0.0)
-
-
-class TestDDIMStochastic(SchedulerContract):
-    stochastic = True
-
-    def make(self, config: SchedulerConfig | None = None) -> DDIMScheduler:
-        return DDIMScheduler(config, eta=0.7)
+        return DDIMScheduler(config)
 
 
 # -- schedules -------------------------------------------------------------------------------
@@ -103,11 +94,6 @@ def test_scheduler_config_rejects_bad_values(values: dict) -> None:
         SchedulerConfig(**values)
 
 
-def test_ddim_rejects_bad_eta() -> None:
-    with pytest.raises(ValueError, match="eta"):
-        DDIMScheduler(eta=1.5)
-
-
 def test_respaced_step_goes_to_the_next_scheduled_timestep() -> None:
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(4)
@@ -117,33 +103,8 @@ def test_respaced_step_goes_to_the_next_scheduled_timestep() -> None:
     assert prev[999] == ab[749] and prev[750] == ab[749] and prev[749] == ab[499] and prev[249] == 1.0
 
 
-# -- DDIM's noise level ----------------------------------------------------------------------
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_ddim_with_eta_one_is_the_ddpm_posterior(schedule: str) -> None:
-    """eta = 1: x_s ~ q(x_s | x_t, x0_hat), mean sqrt(ab_s) b x0 / (1 - ab_t) + sqrt(a) (1 - ab_s) x_t / (1 - ab_t)
-    and variance (1 - ab_s) b / (1 - ab_t), with a = ab_t / ab_s and b = 1 - a (the respaced DDPM posterior)."""
-    config = SchedulerConfig(schedule=schedule)
-    ddim = DDIMScheduler(config, eta=1.0)
-    g = torch.Generator().manual_seed(8)
-    sample, output = (torch.randn(2, 2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    for n in (10, 1000):
-        ddim.set_timesteps(n)
-        ts = ddim.timesteps.tolist()
-        for i in (0, n // 2, n - 1):
-            t = ts[i]
-            ab_t = ddim.alphas_cumprod[t]
-            ab_s = ddim.alphas_cumprod[ts[i + 1]] if i + 1 < n else torch.tensor(1.0, dtype=torch.float64)
-            a = ab_t / ab_s
-            b = 1 - a
-            x0 = S.predict_start_from_noise(sample, output, ab_t)
-            mean = ab_s.sqrt() * b / (1 - ab_t) * x0 + a.sqrt() * (1 - ab_s) / (1 - ab_t) * sample
-            z = torch.randn(sample.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-            expected = mean + ((1 - ab_s) / (1 - ab_t) * b).sqrt() * z
-            step = ddim.step(output, torch.tensor(t), sample, torch.Generator().manual_seed(9)).prev_sample
-            torch.testing.assert_close(step, expected)
-
-
-def test_ddim_eta_zero_draws_no_noise() -> None:
+# -- DDIM draws nothing ---------------------------------------------------------------------
+def test_a_ddim_step_draws_no_noise() -> None:
     scheduler = DDIMScheduler()
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
@@ -152,8 +113,7 @@ def test_ddim_eta_zero_draws_no_noise() -> None:
 
 
 # -- chains with a known region --------------------------------------------------------------
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_known_region_holds_the_original_and_only_the_editable_part_changes(eta: float) -> None:
+def test_known_region_holds_the_original_and_only_the_editable_part_changes() -> None:
     config = SchedulerConfig(num_train_timesteps=100)
     x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
 
@@ -161,7 +121,7 @@ def test_known_region_holds_the_original_and_only_the_editable_part_changes(eta:
         return 0.3 * z + 0.1
 
     def run(editable):
-        scheduler = DDIMScheduler(config, eta=eta)
+        scheduler = DDIMScheduler(config)
         chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.6, 10), torch.Generator().manual_seed(3),
                             editable)
         return denoise_chains(model, [chain])[0]
@@ -176,30 +136,27 @@ def test_known_region_holds_the_original_and_only_the_editable_part_changes(eta:
     assert not torch.allclose(partial[..., 3:], x0[..., 3:])
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_clean_context_shows_the_model_the_original_outside_the_patch(eta: float) -> None:
-    """Patched noising: at every step the model sees the clean x0 outside the editable patch (the
-    plain known region shows it noised to the step's level)."""
+def test_the_model_sees_the_clean_original_outside_the_patch() -> None:
+    """Patched noising: at every step the model sees the clean x0 outside the editable patch."""
     config = SchedulerConfig(num_train_timesteps=100)
     x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
     patch = torch.zeros(1, 1, 4, 4, 6)
     patch[..., 2:4] = 1
-    for clean in (True, False):
-        seen: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
 
-        def model(z, t, _conditions):
-            seen.append(z.clone())
-            return 0.3 * z + 0.1
+    def model(z, t, _conditions):
+        seen.append(z.clone())
+        return 0.3 * z + 0.1
 
-        scheduler = DDIMScheduler(config, eta=eta)
-        chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.6, 3), torch.Generator().manual_seed(3),
-                            patch, clean_context=clean)
-        result = denoise_chains(model, [chain])[0]
-        outside = (patch == 0).expand_as(x0)
-        assert len(seen) == 3  # the three timesteps asked for: 59, 39, 20
-        assert all(torch.equal(z[outside], x0[outside]) for z in seen) == clean
-        assert torch.equal(result[outside], x0[outside])
-        assert not torch.allclose(result[~outside], x0[~outside])
+    scheduler = DDIMScheduler(config)
+    chain = start_chain(scheduler, x0, scheduler.img2img_timesteps(0.6, 3), torch.Generator().manual_seed(3), patch)
+    result = denoise_chains(model, [chain])[0]
+    outside = (patch == 0).expand_as(x0)
+    assert len(seen) == 3  # the three timesteps asked for: 59, 39, 20
+    assert all(torch.equal(z[outside], x0[outside]) for z in seen)
+    assert not torch.allclose(seen[0][~outside], x0[~outside]), "the patch itself starts noised"
+    assert torch.equal(result[outside], x0[outside])
+    assert not torch.allclose(result[~outside], x0[~outside])
 
 
 def test_a_chain_without_timesteps_is_finished_and_holds_the_input() -> None:
@@ -211,7 +168,7 @@ def test_a_chain_without_timesteps_is_finished_and_holds_the_input() -> None:
 
 def test_chains_denoised_together_equal_chains_run_alone() -> None:
     """Different lengths, starts, conditions and generators in one batch: each chain gets its own t,
-    condition and noise (eta > 0 draws), as when run alone."""
+    condition and starting noise, as when run alone."""
     config = SchedulerConfig(num_train_timesteps=100)
     x0 = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -222,7 +179,7 @@ def test_chains_denoised_together_equal_chains_run_alone() -> None:
     def chains():
         made = []
         for k, (strength, steps) in enumerate([(0.3, 1), (0.6, 3), (0.9, 5), (0.0, 2)]):
-            scheduler = DDIMScheduler(config, eta=0.5)
+            scheduler = DDIMScheduler(config)
             made.append(start_chain(scheduler, x0, scheduler.img2img_timesteps(strength, steps),
                                     torch.Generator().manual_seed(k), condition=0.1 * (k + 1)))
         return made
