@@ -20,7 +20,7 @@ PLAN = PreprocessingPlan(target_spacing=(1.0, 1.0, 1.5), target_shape=(32, 32, 3
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
     root = tmp_path_factory.mktemp("data") / "bids"
-    ds = generate_dataset(root, n_healthy=3, n_lesion=0, seed=4, shape=(24, 24, 40))
+    ds = generate_dataset(root, n_healthy=3, n_lesion=0, seed=4, field_of_view=(24, 24, 40))
     out = []
     for image in ds.images:
         mask = ds.cord_masks[image]

@@ -16,7 +16,7 @@ from scipy import ndimage
 from bids_app.errors import ExitCode, UsageError
 from bids_app.synthetic import SyntheticDataset, generate_dataset
 
-SMALL_SHAPE = (24, 24, 16)
+SMALL_FOV = (24, 24, 16)
 
 
 def _validator() -> str | None:
@@ -50,7 +50,7 @@ def default_ds(tmp_path_factory) -> SyntheticDataset:
 @pytest.fixture(scope="module")
 def multi_ds(tmp_path_factory) -> SyntheticDataset:
     return generate_dataset(tmp_path_factory.mktemp("multi") / "ds", n_healthy=1, n_lesion=1, seed=7,
-                            sessions=("ses-pre", "post"), contrasts=("T2w", "T1w"), shape=(32, 32, 24))
+                            sessions=("ses-pre", "post"), contrasts=("T2w", "T1w"), field_of_view=(32, 32, 24))
 
 
 def test_default_layout_is_exact(default_ds):
@@ -94,12 +94,17 @@ def test_participants(default_ds):
                                        ("05", "MS"), ("06", "MS")]
     with open(default_ds.root / "participants.tsv", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    assert list(rows[0]) == ["participant_id", "age", "sex", "pathology"]
+    assert list(rows[0]) == ["participant_id", "age", "sex", "pathology", "lesion_type", "acquisition"]
     assert [(r["participant_id"], r["pathology"]) for r in rows] == \
         [(f"sub-{label}", path) for label, path in default_ds.participants]
     assert all(18 <= int(r["age"]) <= 90 and r["sex"] in {"M", "F"} for r in rows)
+    assert [(r["lesion_type"], r["acquisition"]) for r in rows] == [
+        ("n/a", "sag-iso"), ("n/a", "ax-thick"), ("n/a", "sag-thick"), ("n/a", "sag-iso"),
+        ("central", "sag-iso"), ("ms", "ax-thick")]
     sidecar = json.loads((default_ds.root / "participants.json").read_text())
-    assert {"age", "sex", "pathology"} <= set(sidecar)
+    assert {"age", "sex", "pathology", "lesion_type", "acquisition"} <= set(sidecar)
+    assert set(sidecar["lesion_type"]["Levels"]) == {"central", "ms", "sci"}
+    assert set(sidecar["acquisition"]["Levels"]) == {"sag-iso", "ax-thick", "sag-thick"}
 
 
 @pytest.mark.parametrize("which", ["default_ds", "multi_ds"])
@@ -150,16 +155,19 @@ def test_lesions_inside_cord_and_hyperintense_on_t2w(default_ds, multi_ds):
                 assert data[blob].mean() > data[around].mean()
 
 
-def _csf_ring(cord: np.ndarray) -> np.ndarray:
-    return ndimage.binary_dilation(cord, iterations=2) & ~ndimage.binary_dilation(cord)
+def _csf_ring(cord: np.ndarray, zooms) -> np.ndarray:
+    """Voxels 0.5-1.8 mm outside the cord (in mm, so that thick slices do not reach past the CSF)."""
+    distance = ndimage.distance_transform_edt(~cord, sampling=zooms)
+    return (distance > 0.5) & (distance <= 1.8)
 
 
 def test_csf_bright_on_t2w_dark_on_t1w(default_ds, multi_ds):
     for ds in (default_ds, multi_ds):
         for image, cord_path in ds.cord_masks.items():
             cord = _data(cord_path).astype(bool)
-            data = nib.load(image).get_fdata()
-            csf, inside = data[_csf_ring(cord)].mean(), data[cord].mean()
+            img = nib.load(image)
+            data = img.get_fdata()
+            csf, inside = data[_csf_ring(cord, img.header.get_zooms())].mean(), data[cord].mean()
             if image.name.endswith("_T2w.nii.gz"):
                 assert csf > 1.3 * inside, image.name
             else:
@@ -253,19 +261,19 @@ def test_same_anatomy_across_sessions_and_contrasts(multi_ds):
 def test_refuses_non_empty_out_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(UsageError):
-        generate_dataset(tmp_path, n_healthy=1, n_lesion=0, shape=SMALL_SHAPE)
+        generate_dataset(tmp_path, n_healthy=1, n_lesion=0, field_of_view=SMALL_FOV)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_accepts_existing_empty_out_dir(tmp_path):
-    ds = generate_dataset(tmp_path, n_healthy=0, n_lesion=1, shape=SMALL_SHAPE)
+    ds = generate_dataset(tmp_path, n_healthy=0, n_lesion=1, field_of_view=SMALL_FOV)
     assert ds.root == tmp_path.absolute() and len(ds.images) == 1 and len(ds.lesion_masks) == 1
 
 
 @pytest.mark.parametrize("kwargs", [
     {"n_healthy": -1}, {"n_healthy": 0, "n_lesion": 0}, {"n_healthy": 100}, {"seed": -3},
     {"contrasts": ("FLAIR",)}, {"contrasts": ()}, {"contrasts": ("T2w", "T2w")},
-    {"sessions": ("a_b",)}, {"sessions": ("1", "ses-1")}, {"shape": (40, 40)}, {"shape": (4, 40, 40)},
+    {"sessions": ("a_b",)}, {"sessions": ("1", "ses-1")}, {"field_of_view": (40, 40)}, {"field_of_view": (4, 40, 40)}, {"lesion_types": ("tumour",)}, {"acquisitions": ()}, {"acquisitions": ("ax-thick", "ax-thick")},
 ])
 def test_bad_arguments_raise_usage_error(kwargs, tmp_path):
     with pytest.raises(UsageError):
@@ -282,13 +290,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_writes_dataset(tmp_path):
     out = tmp_path / "cli"
     proc = _cli(str(out), "--n-healthy", "1", "--n-lesion", "1", "--seed", "3", "--sessions", "A",
-                "--contrasts", "T2w", "T1w", "--shape", *map(str, SMALL_SHAPE))
+                "--contrasts", "T2w", "T1w", "--field-of-view", *map(str, SMALL_FOV))
     assert proc.returncode == 0, proc.stderr
     assert (out / "sub-02/ses-A/anat/sub-02_ses-A_T1w.nii.gz").is_file()
     assert (out / "derivatives/labels/sub-02/ses-A/anat/sub-02_ses-A_T2w_label-lesion_seg.nii.gz").is_file()
     assert not (out / "derivatives/labels/sub-01/ses-A/anat/sub-01_ses-A_T2w_label-lesion_seg.nii.gz").exists()
     api = generate_dataset(tmp_path / "api", n_healthy=1, n_lesion=1, seed=3, sessions=["A"],
-                           contrasts=["T2w", "T1w"], shape=SMALL_SHAPE)
+                           contrasts=["T2w", "T1w"], field_of_view=SMALL_FOV)
     assert _files(out) == _files(api.root)
 
 
@@ -298,3 +306,102 @@ def test_cli_usage_errors_exit_64(tmp_path):
     assert refused.returncode == ExitCode.USAGE and "not empty" in refused.stderr
     assert _cli(str(tmp_path / "new"), "--contrasts", "DWI").returncode == ExitCode.USAGE
     assert _cli().returncode == ExitCode.USAGE
+
+
+# --------------------------------------------------------------------------------------------
+# Lesion types and acquisitions of the clinic
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clinic_ds(tmp_path_factory) -> SyntheticDataset:
+    """Nine lesion participants: every lesion type in every acquisition."""
+    return generate_dataset(tmp_path_factory.mktemp("clinic") / "ds", n_healthy=3, n_lesion=9, seed=5)
+
+
+def _of(ds: SyntheticDataset, lesion_type: str | None = None, acquisition: str | None = None) -> list[Path]:
+    def label(image: Path) -> str:
+        return image.name.split("_")[0][4:]
+    return [i for i in ds.images if (lesion_type is None or ds.lesion_types[label(i)] == lesion_type)
+            and (acquisition is None or ds.acquisitions[label(i)] == acquisition)]
+
+
+def test_every_lesion_type_meets_every_acquisition(clinic_ds):
+    pairs = {(clinic_ds.lesion_types[p], clinic_ds.acquisitions[p]) for p, _ in clinic_ds.participants}
+    assert {(t, a) for t in ("central", "ms", "sci") for a in ("sag-iso", "ax-thick", "sag-thick")} <= pairs
+    assert {a for p, path in clinic_ds.participants if path == "HC" for a in [clinic_ds.acquisitions[p]]} == \
+        {"sag-iso", "ax-thick", "sag-thick"}
+    assert {path for _, path in clinic_ds.participants} == {"HC", "MS", "SCI"}
+
+
+def _world_axis_extent(mask: np.ndarray, affine: np.ndarray, axis: int) -> float:
+    """Extent (mm) of a mask along one world axis, voxel centres."""
+    coords = nib.affines.apply_affine(affine, np.argwhere(mask))[:, axis]
+    return float(coords.max() - coords.min())
+
+
+def test_ms_lesions_sit_at_the_cord_surface(clinic_ds):
+    n_lesions = n_touching = 0
+    for image in _of(clinic_ds, "ms"):
+        img = nib.load(image)
+        zooms = img.header.get_zooms()[:3]
+        cord = _data(clinic_ds.cord_masks[image]).astype(bool)
+        depth = ndimage.distance_transform_edt(cord, sampling=zooms)  # mm to the nearest voxel outside
+        in_plane = sorted(zooms)[1]  # the finer of the two largest spacings bounds a surface voxel's depth
+        labels, n = ndimage.label(_data(clinic_ds.lesion_masks[image]).astype(bool))
+        assert 1 <= n <= 4, image.name
+        for k in range(1, n + 1):
+            blob = labels == k
+            shallowest = depth[blob].min()
+            assert shallowest <= 1.5 + in_plane, (image.name, shallowest)
+            n_lesions += 1
+            n_touching += shallowest <= in_plane + 1e-3
+            across = max(_world_axis_extent(blob, img.affine, a) for a in (0, 1))
+            assert across <= 5.0 + 2 * max(zooms), (image.name, across)
+    assert n_lesions >= 3 and n_touching >= 0.5 * n_lesions
+
+
+def test_sci_lesion_is_one_long_lesion(clinic_ds):
+    for image in _of(clinic_ds, "sci"):
+        img = nib.load(image)
+        lesion = _data(clinic_ds.lesion_masks[image]).astype(bool)
+        assert ndimage.label(lesion)[1] == 1, image.name
+        slice_step = abs(img.affine[2, :3]).max()  # one voxel along S-I
+        assert _world_axis_extent(lesion, img.affine, 2) + slice_step >= 8.0, image.name
+
+
+def test_thick_slices_have_their_voxel_size_and_sidecar(clinic_ds):
+    for acquisition, world_axis, low, high in (("ax-thick", 2, 3.0, 4.0), ("sag-thick", 0, 3.0, 3.0)):
+        images = _of(clinic_ds, acquisition=acquisition)
+        assert images
+        for image in images:
+            img = nib.load(image)
+            zooms = np.array(img.header.get_zooms()[:3], float)
+            thick = int(np.argmax(np.abs(img.affine[world_axis, :3]) / zooms))  # stored axis along that world axis
+            assert low - 1e-4 <= zooms[thick] <= high + 1e-4
+            others = np.delete(zooms, thick)
+            assert others.max() <= 0.9 + 1e-4 and zooms[thick] >= 3 * others.max()
+            sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+            assert sidecar["MRAcquisitionType"] == "2D"
+            assert sidecar["SliceThickness"] == pytest.approx(float(zooms[thick]), abs=1e-4)
+            assert sidecar["SliceEncodingDirection"] == "ijk"[thick]
+            assert len(sidecar["SliceTiming"]) == img.shape[thick]
+    for image in _of(clinic_ds, acquisition="sag-iso"):
+        zooms = nib.load(image).header.get_zooms()[:3]
+        assert max(zooms) - min(zooms) < 1e-4 and 0.8 - 1e-4 <= zooms[0] <= 1.0 + 1e-4
+
+
+def test_slice_profile_integrates_partial_volume():
+    from bids_app.synthetic.acquisition import SUBSLICES, Acquisition, integrate_slices, slice_profile
+
+    profile = slice_profile()
+    assert profile.sum() == pytest.approx(1.0) and np.allclose(profile, profile[::-1])
+    middle = len(profile) // 2
+    inside = profile[middle - SUBSLICES // 2: middle + SUBSLICES // 2 + 1]
+    assert inside.sum() > 0.85 and 0 < profile[0] < inside.min()  # most of the slab, a little of its neighbours
+    fine = np.zeros((2, 2, 4 * SUBSLICES))
+    fine[:, :, : 2 * SUBSLICES + 2] = 1.0  # an edge two sub-slices into slice 2
+    acquired = integrate_slices(fine, Acquisition("ax-thick", (0.6, 0.6, 3.5), 2))
+    assert acquired.shape == (2, 2, 4)
+    assert acquired[0, 0, 0] == pytest.approx(1.0) and acquired[0, 0, 3] == pytest.approx(0.0, abs=1e-6)
+    assert 0.2 < acquired[0, 0, 2] < 0.6  # partial volume, where picking a thin slice would give 0 or 1

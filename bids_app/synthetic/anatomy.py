@@ -1,4 +1,5 @@
-"""The phantom's anatomy: a curved cord with grey and white matter, CSF, vertebrae, lesions, and its rendering per contrast."""
+"""The phantom's anatomy: a curved cord with grey and white matter, CSF, vertebrae and lesions, and its
+rendering per contrast and acquisition."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,9 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from bids_app.synthetic.acquisition import Acquisition, acquired_affine, acquired_mask, integrate_slices
+from bids_app.synthetic.lesions import CordFrame, draw_lesions, plan_sci
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +29,24 @@ CONTRASTS: dict[str, dict[str, float]] = {
                 "wm": 0.36, "gm": 0.56, "lesion_gain": 0.6},
 }
 
-# Per-participant acquisition geometry, cycled by participant index so that even a small dataset
-# mixes orientations, spacings and storage types (a random draw could give six RAS images).
+# Per-participant storage, cycled by participant index so that even a small dataset mixes
+# orientations and storage types (a random draw could give six RAS images).
 ORIENTATIONS: tuple[tuple[str, bool], ...] = (
     ("RAS", False), ("PSR", False), ("LAS", False), ("RAS", True), ("LPI", False), ("AIL", True),
-)
-SPACINGS: tuple[tuple[float, float, float], ...] = (
-    (0.8, 0.8, 1.0), (1.0, 1.0, 2.0), (0.6, 0.6, 3.0), (0.9, 1.1, 1.5),
 )
 STORAGE: tuple[tuple[str, float], ...] = (("float32", 1.0), ("int16", 0.5))
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Voxel grid of one participant, in anatomical (RAS-ordered) axes before reorientation."""
+    """Voxel grid the anatomy is drawn on (RAS-ordered axes, before reorientation), and how it is stored.
+
+    ``shape`` and ``spacing`` are the fine grid's; a 2D acquisition integrates it into thick slices.
+    """
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    acquisition: Acquisition
     axcodes: str
     oblique: bool
     dtype: str
@@ -57,15 +62,20 @@ class Anatomy:
     lesion_contrast: np.ndarray  # float, 0 outside lesions, relative contrast inside
     texture: np.ndarray  # float, unit-variance smooth noise
     jitter: dict[str, float]  # per-participant multiplicative jitter of tissue intensities
-    affine: np.ndarray  # RAS-ordered grid -> world (mm)
+    affine: np.ndarray  # RAS-ordered acquired grid -> world (mm)
+    acquisition: Acquisition
+
+    def acquired_mask(self, volume: np.ndarray) -> np.ndarray:
+        """A fine-grid mask as the acquisition sees it (voxels it fills at least half of)."""
+        return acquired_mask(volume, self.acquisition)
 
 
-def make_geometry(index: int, shape: Sequence[int]) -> Geometry:
-    """Cycle orientation, spacing and storage with co-prime periods to mix combinations."""
+def make_geometry(index: int, acquisition: Acquisition, field_of_view_mm: Sequence[float]) -> Geometry:
+    """The fine grid covering the field of view; orientation and storage cycle with the index."""
     axcodes, oblique = ORIENTATIONS[index % len(ORIENTATIONS)]
     dtype, slope = STORAGE[index % len(STORAGE)]
-    return Geometry(tuple(int(n) for n in shape), SPACINGS[index % len(SPACINGS)],
-                    axcodes, oblique, dtype, slope)
+    shape = acquisition.fine_shape(acquisition.shape_for(tuple(float(f) for f in field_of_view_mm)))
+    return Geometry(shape, acquisition.fine_spacing(), acquisition, axcodes, oblique, dtype, slope)
 
 
 def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -136,8 +146,8 @@ def _fit_in_plane(half_fov: float, spacing: float, cord: float, csf: float,
     return cord, csf, amplitude
 
 
-def make_anatomy(geom: Geometry, n_lesions: int, rng: np.random.Generator) -> Anatomy:
-    """Build the tissue, cord and lesion volumes of one participant."""
+def make_anatomy(geom: Geometry, lesion_type: str | None, rng: np.random.Generator) -> Anatomy:
+    """Build the tissue, cord and lesion volumes of one participant (``lesion_type`` None: healthy)."""
     nx, ny, nz = geom.shape
     sx, sy, sz = geom.spacing
     x = (np.arange(nx) - (nx - 1) / 2.0) * sx
@@ -156,6 +166,9 @@ def make_anatomy(geom: Geometry, n_lesions: int, rng: np.random.Generator) -> An
     cx = _smooth_curve(z, amp_x, rng)
     cy = _smooth_curve(z, amp_y, rng)
     swell = 1.0 + 0.08 * np.sin(2 * np.pi * z / rng.uniform(80, 160) + rng.uniform(0, 2 * np.pi))
+    sci = plan_sci(z, rng) if lesion_type == "sci" else None
+    if sci is not None:
+        swell = swell * sci.swell(z)
     canal_dy = rng.uniform(-0.6, 0.6) * shrink
 
     X = x[:, None, None]
@@ -184,45 +197,17 @@ def make_anatomy(geom: Geometry, n_lesions: int, rng: np.random.Generator) -> An
     tissue[cord] = WM
     tissue[cord & np.broadcast_to(_butterfly(u, v), shape3)] = GM
 
-    lesion_contrast = _lesions(n_lesions, cord, u, v, z, geom.spacing, cord_a, cord_b, rng)
+    frame = CordFrame(dx, dy, z, cord_a * swell, cord_b * swell, cord)
+    heterogeneity = _smooth_noise(shape3, [1.0 / s for s in geom.spacing], rng) if sci is not None else None
+    acquisition = geom.acquisition
+    lesion_contrast = draw_lesions(lesion_type, frame, acquisition.spacing, rng,
+                                   lambda mask: bool(acquired_mask(mask, acquisition).any()), sci, heterogeneity)
     texture = _smooth_noise(shape3, [1.5 / s for s in geom.spacing], rng)
     jitter = {k: float(rng.uniform(0.9, 1.1)) for k in ("tissue", "bone", "disc", "dura", "csf", "wm", "gm")}
-    affine = _grid_affine(geom, rng)
-    logger.debug("anatomy: cord %.1fx%.1f mm, csf %.1fx%.1f mm, %d lesion(s)",
-                 cord_a, cord_b, csf_a, csf_b, n_lesions)
-    return Anatomy(tissue, cord, lesion_contrast, texture, jitter, affine)
-
-
-def _lesions(n_lesions: int, cord: np.ndarray, u: np.ndarray, v: np.ndarray, z: np.ndarray,
-             spacing: Sequence[float], cord_a: float, cord_b: float,
-             rng: np.random.Generator) -> np.ndarray:
-    """Ellipsoids elongated along the cord, clipped to the cord interior (not its rim)."""
-    contrast = np.zeros(cord.shape)
-    if n_lesions == 0:
-        return contrast
-    rim_free = ndimage.binary_erosion(cord, structure=np.ones((3, 3, 1), bool))
-    inner = rim_free if rim_free.any() else cord
-    placed = 0
-    for _attempt in range(50 * n_lesions):
-        if placed == n_lesions:
-            break
-        z0 = rng.uniform(0.1, 0.9) * (z[-1] - z[0]) + z[0]
-        rho, theta = rng.uniform(0.0, 0.5), rng.uniform(0, 2 * np.pi)
-        ru = max(rng.uniform(0.25, 0.45), 1.1 * spacing[0] / cord_a)
-        rv = max(rng.uniform(0.25, 0.45), 1.1 * spacing[1] / cord_b)
-        rz = max(rng.uniform(2.0, 4.0) * max(ru * cord_a, rv * cord_b), 1.2 * spacing[2])
-        ell = ((u - rho * math.cos(theta)) / ru) ** 2 + ((v - rho * math.sin(theta)) / rv) ** 2 \
-            + ((z[None, None, :] - z0) / rz) ** 2 <= 1.0
-        mask = ell & inner
-        if mask.sum() < 2:
-            continue
-        c = rng.uniform(0.3, 0.5) if rng.uniform() < 0.4 else rng.uniform(0.5, 1.2)  # some faint
-        contrast[mask] = np.maximum(contrast[mask], c)
-        placed += 1
-    if placed == 0:  # pathological tiny grids: mark the cord centre so the mask is never empty
-        centre = np.argwhere(inner)[len(np.argwhere(inner)) // 2]
-        contrast[tuple(centre)] = 0.8
-    return contrast
+    affine = acquired_affine(_grid_affine(geom, rng), acquisition)
+    logger.debug("anatomy: cord %.1fx%.1f mm, csf %.1fx%.1f mm, lesions %s, %s",
+                 cord_a, cord_b, csf_a, csf_b, lesion_type, acquisition.name)
+    return Anatomy(tissue, cord, lesion_contrast, texture, jitter, affine, acquisition)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +226,8 @@ def _bias_field(shape: tuple[int, int, int], rng: np.random.Generator, strength:
 
 
 def render(anat: Anatomy, contrast: str, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude image on the RAS-ordered grid: tissue intensities, PSF, bias, Rician noise."""
+    """Magnitude image on the RAS-ordered acquired grid: tissue intensities and PSF on the fine grid,
+    integration over the slice profile, then bias and Rician noise on the acquired voxels."""
     table = CONTRASTS[contrast]
     lut = np.zeros(7)
     for name, label in (("tissue", TISSUE), ("bone", BONE), ("disc", DISC), ("dura", DURA),
@@ -254,6 +240,7 @@ def render(anat: Anatomy, contrast: str, scale: float, rng: np.random.Generator)
     soft = ~np.isin(anat.tissue, (CSF, WM, GM, DURA))
     img = img * (1.0 + np.where(soft, 0.18, 0.03) * anat.texture)
     img = ndimage.gaussian_filter(img, 0.5, mode="nearest")  # point-spread: partial volume at edges
+    img = integrate_slices(img, anat.acquisition)
     img = img * _bias_field(img.shape, rng, strength=0.08)
     sigma = rng.uniform(0.02, 0.045)
     real = img + rng.normal(0, sigma, img.shape)
