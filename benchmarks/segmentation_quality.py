@@ -13,6 +13,11 @@ the ground-truth mask file, on every lesion image of BIDS_DIR:
 - reconstruction: the residual against the VQ-GAN's reconstruction D(E(x)) alone (strength 0);
 - zscore: in-cord intensity z-score of the image itself.
 
+Every result is also broken down by the participants' ``lesion_type`` and ``acquisition`` columns of
+their dataset's participants.tsv (the phantom generator writes them): median Dice and lesion-wise
+recall (true lesions that the mask touches, pooled) per lesion type and per acquisition, and the
+healthy images with a false positive per acquisition.
+
 Each method's threshold is calibrated the app's way, without lesion labels, on the healthy
 validation images recorded in MODEL_DIR (``segmentation.calibration``: the healthy quantile,
 raised to the bound at which a new healthy image has a lesion with probability ``--image-fpr``).
@@ -47,7 +52,7 @@ from bids_app.pipelines.counterfactual import CounterfactualPipeline  # noqa: E4
 from bids_app.pipelines.segment import ImageInput, native_residual  # noqa: E402
 from bids_app.segmentation.calibration import calibrate, grow_threshold  # noqa: E402
 from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask  # noqa: E402
-from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice  # noqa: E402
+from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice, lesion_wise  # noqa: E402
 from bids_app.segmentation.residuals import (GROW_MEDIAN_SIZE, MEDIAN_SIZE, analysis_region,  # noqa: E402
                                              restrict, signed_residual, smooth)
 from bids_app.settings import ComputeSettings, SelectionSettings  # noqa: E402
@@ -84,6 +89,78 @@ def resampled_calibration(lesion_free: Sequence[float], thresholds_for: Callable
     return {"draws": draws, "calibration_images": size, "healthy_fp_rate": float(np.mean(rates)),
             "median_dice_mean": float(medians_array.mean()),
             f"share_median_dice_at_least_{target:g}": float(np.mean(medians_array >= target))}
+
+
+#: participants.tsv columns the results are broken down by.
+GROUPS = ("lesion_type", "acquisition")
+
+
+def breakdown(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """Per value of each column in ``GROUPS``: median Dice and pooled lesion recall of the lesion
+    images, and how many healthy images got a false positive.
+
+    ``rows`` hold ``groups`` ({column: value}) and either ``dice``, ``detected``, ``n_lesions`` (a lesion
+    image) or ``false_positive`` (a healthy image).
+    """
+    out: dict[str, dict[str, dict]] = {}
+    for column in GROUPS:
+        values = sorted({r["groups"].get(column, "n/a") for r in rows})
+        for value in values:
+            members = [r for r in rows if r["groups"].get(column, "n/a") == value]
+            lesion = [r for r in members if "dice" in r]
+            healthy = [r for r in members if "false_positive" in r]
+            entry: dict = {}
+            if lesion:
+                n_lesions = sum(r["n_lesions"] for r in lesion)
+                entry.update(n_images=len(lesion), median_dice=float(np.median([r["dice"] for r in lesion])),
+                             lesion_recall=sum(r["detected"] for r in lesion) / n_lesions if n_lesions else None)
+            if healthy:
+                entry["healthy_with_false_positive"] = f"{sum(r['false_positive'] for r in healthy)} / {len(healthy)}"
+            if entry:
+                out.setdefault(column, {})[value] = entry
+    return out
+
+
+def region_depth(region: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Depth (mm) of each voxel of ``region`` below its surface; the array border counts as surface."""
+    from scipy import ndimage
+
+    padded = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)
+    return padded[(slice(1, -1),) * region.ndim]
+
+
+def add_depth_normalised(prepared: dict, healthy: Sequence, edges: Sequence[float], quantile: float,
+                         detect_in: dict[str, int]) -> None:
+    """Add "<app>, depth-normalised": the app's maps divided, per band of depth below the cord
+    surface, by the healthy validation images' ``quantile`` in that band; lesions searched in the
+    whole cord (entry index 1)."""
+    name = next(m for m in next(iter(prepared.values()))[2] if m.startswith("counterfactual") and "no adapter" not in m)
+    new = f"{name}, depth-normalised"
+    bounds = [0.0, *edges, np.inf]
+
+    def bands(entry):
+        depth = region_depth(entry[1], entry[4])
+        return [(depth > lo) & (depth <= hi) & entry[1] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    scales = {}
+    for kind in (2, 5):  # detection map, growth map
+        pooled = [[] for _ in bounds[:-1]]
+        for record in healthy:
+            entry = prepared[str(record.image)]
+            for k, band in enumerate(bands(entry)):
+                pooled[k].append(entry[kind][name][band])
+        scales[kind] = [max(float(np.quantile(np.concatenate(p), quantile)), 1e-6) if sum(map(len, p)) else 1.0
+                        for p in pooled]
+    print(f"depth bands {bounds}: detection scales {np.round(scales[2], 4).tolist()}, "
+          f"growth scales {np.round(scales[5], 4).tolist()}")
+    for entry in prepared.values():
+        masks = bands(entry)
+        for kind in (2, 5):
+            scale = np.ones(entry[1].shape)
+            for band, value in zip(masks, scales[kind]):
+                scale[band] = value
+            entry[kind][new] = entry[kind][name] / scale
+    detect_in[new] = 1
 
 
 def without_adapter(seg: SegmentationSettings) -> SegmentationSettings:
@@ -132,6 +209,10 @@ def main() -> int:
                         help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
     parser.add_argument("--image-fpr", type=float, default=defaults.calibration.image_fpr,
                         help="healthy image false-positive rate (default: the app's); 0 = maximum")
+    parser.add_argument("--depth-bands", type=float, nargs="*", default=[],
+                        help="also the app's map divided by its healthy --depth-quantile in bands of depth below "
+                             "the cord surface (band edges in mm), searched in the whole cord")
+    parser.add_argument("--depth-quantile", type=float, default=0.99)
     parser.add_argument("--resample", type=int, default=0, metavar="DRAWS",
                         help="also calibrate on DRAWS random sets (as many images as the validation split) of "
                              "every healthy image not trained on, counting false positives on the others")
@@ -140,19 +221,30 @@ def main() -> int:
     models = load_trained_models(args.model_dir)
     validation = {p.removeprefix("sub-") for p in models.card["validation_participants"]}
     table = read_participants(args.bids_dir)
+    groups: dict[str, dict[str, str]] = {}  # image -> its participant's lesion type and acquisition
+
+    def remember(dataset: Path, records):
+        rows = read_participants(dataset)
+        for record in records:
+            row = rows.get(record.subject, {})
+            groups[str(record.image)] = {c: row[c] for c in GROUPS if c in row}
+        return records
+
     selection = SelectionSettings()
     roots = find_derivative_datasets(args.bids_dir)
-    records = collect_images(args.bids_dir, selection, load_layout(args.bids_dir), roots)
+    records = remember(args.bids_dir, collect_images(args.bids_dir, selection, load_layout(args.bids_dir), roots))
     healthy = [r for r in records if r.subject in validation]
     lesioned = [r for r in records if r.lesion_mask is not None]
     seen = validation | {p.removeprefix("sub-") for p in models.card["training_participants"]}
     # Healthy images neither trained nor calibrated on: the false-positive rate is measured on them.
     unseen = [r for r in records if r.lesion_mask is None and r.subject not in seen]
     for extra in args.extra_healthy:
-        unseen += [r for r in collect_images(extra, selection, load_layout(extra), find_derivative_datasets(extra))
+        unseen += [r for r in remember(extra, collect_images(extra, selection, load_layout(extra),
+                                                             find_derivative_datasets(extra)))
                    if r.lesion_mask is None]
     for extra in args.extra_lesion:
-        lesioned += [r for r in collect_images(extra, selection, load_layout(extra), find_derivative_datasets(extra))
+        lesioned += [r for r in remember(extra, collect_images(extra, selection, load_layout(extra),
+                                                               find_derivative_datasets(extra)))
                      if r.lesion_mask is not None]
     seg = replace(defaults, counterfactual=replace(defaults.counterfactual, strengths=tuple(args.strength),
                                                    n_samples=args.n_samples),
@@ -161,13 +253,16 @@ def main() -> int:
     prepared = {str(record.image): image_maps(pipeline, models.plan, record, seg, args.seed)
                 for record in healthy + lesioned + unseen}
     results = {}
-    methods = next(iter(prepared.values()))[2].keys()
+    detect_in: dict[str, int] = {}  # method -> index of its detection region in an entry (6: the inset one)
+    if args.depth_bands:
+        add_depth_normalised(prepared, healthy, sorted(args.depth_bands), args.depth_quantile, detect_in)
+    methods = list(next(iter(prepared.values()))[2].keys())
 
     def mask_of(entry, method, threshold, grow):
         record, region, scores, truth, voxel_mm, growth, detect = entry
         return lesion_mask(np.where(region, scores[method], -np.inf), region, threshold, voxel_mm, seg.lesions.min_lesion_mm3,
                            grow_threshold=grow, grow_residual=growth[method],
-                           detection_region=detect)
+                           detection_region=entry[detect_in.get(method, 6)])
 
     for method in methods:
         free: dict[str, float] = {}  # an image's lesion-free threshold does not depend on the others
@@ -175,13 +270,13 @@ def main() -> int:
         def lesion_free(record):
             if str(record.image) not in free:
                 entry = prepared[str(record.image)]
-                free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[6], entry[4],
+                free[str(record.image)] = lesion_free_threshold(entry[2][method], entry[detect_in.get(method, 6)], entry[4],
                                                                      seg.lesions.min_lesion_mm3)
             return free[str(record.image)]
 
         def calibration_on(records):
             maps = [prepared[str(r.image)][2][method] for r in records]
-            regions = [prepared[str(r.image)][6] for r in records]  # where a lesion could be found
+            regions = [prepared[str(r.image)][detect_in.get(method, 6)] for r in records]  # where a lesion could be found
             growth_maps = [prepared[str(r.image)][5][method] for r in records]
             calibration = calibrate(maps, regions, seg.calibration.quantile,
                                     lesion_free=[lesion_free(r) for r in records],
@@ -193,7 +288,7 @@ def main() -> int:
                     for entry in prepared.values() if entry[3] is not None]
 
         threshold, grow = calibration_on(healthy)
-        dices, oracles, aps, fp = [], [], [], []
+        dices, oracles, aps, fp, rows = [], [], [], [], []
         for entry in prepared.values():
             record, region, scores, truth = entry[:4]
             mask = mask_of(entry, method, threshold, grow)
@@ -201,8 +296,13 @@ def main() -> int:
                 dices.append(dice(mask.astype(bool), truth))
                 oracles.append(best_dice_over_thresholds(scores[method], truth, region)["oracle_best_dice"])
                 aps.append(auprc(scores[method], truth, region))
+                found = lesion_wise(mask, truth)
+                rows.append({"groups": groups[str(record.image)], "dice": dices[-1],
+                             "detected": round(found["lesion_recall"] * found["n_true_lesions"]),
+                             "n_lesions": found["n_true_lesions"]})
             elif record in unseen:
                 fp.append(bool(mask.any()))
+                rows.append({"groups": groups[str(record.image)], "false_positive": fp[-1]})
         resampled = None
         if args.resample:
             pool = healthy + unseen  # every healthy image the model never trained on
@@ -213,6 +313,7 @@ def main() -> int:
                            "dice": [round(d, 4) for d in dices], "median_oracle_dice": float(np.nanmedian(oracles)),
                            "median_auprc": float(np.nanmedian(aps)),
                            "healthy_with_false_positive": f"{sum(fp)} / {len(fp)}" if fp else None,
+                           "by": breakdown(rows),
                            **({"resampled": resampled} if resampled else {})}
     report = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "model_card": models.card.get("preset"), "strengths": args.strength, "n_samples": args.n_samples,
@@ -227,6 +328,16 @@ def main() -> int:
     for method, r in results.items():
         print(f"| {method} | {r['median_dice']:.3f} | {r['median_oracle_dice']:.3f} | {r['median_auprc']:.3f} | "
               f"{r['healthy_with_false_positive']} |")
+    print("\n| method | group | images | median Dice | lesion recall | healthy with FP |\n|---|---|---|---|---|---|")
+    for method, r in results.items():
+        for column, values in r["by"].items():
+            for value, e in values.items():
+                recall = e.get("lesion_recall")
+                print(f"| {method} | {column} {value} | {e.get('n_images', 0)} | "
+                      f"{e['median_dice']:.3f} | " if "median_dice" in e else f"| {method} | {column} {value} | 0 | - | ",
+                      end="")
+                print(f"{recall:.2f} | " if recall is not None else "- | ", end="")
+                print(f"{e.get('healthy_with_false_positive', '-')} |")
     if args.resample:
         print(f"\nresampled over {args.resample} calibration sets of {len(healthy)}:\n"
               "| method | healthy FP rate | median Dice (mean) | share with median Dice >= 0.7 |\n|---|---|---|---|")

@@ -23,10 +23,10 @@ TISSUE, BONE, DISC, DURA, CSF, WM, GM = range(7)
 CONTRASTS: dict[str, dict[str, float]] = {
     "T2w": {"tissue": 0.22, "bone": 0.17, "disc": 0.55, "dura": 0.08, "csf": 1.0,
             "wm": 0.32, "gm": 0.40, "lesion_gain": 1.0},
-    "T1w": {"tissue": 0.50, "bone": 0.58, "disc": 0.38, "dura": 0.10, "csf": 0.12,
+    "T1w": {"tissue": 0.50, "bone": 0.58, "disc": 0.38, "dura": 0.10, "csf": 0.34,
             "wm": 0.78, "gm": 0.64, "lesion_gain": -0.45},
-    "T2starw": {"tissue": 0.25, "bone": 0.12, "disc": 0.45, "dura": 0.06, "csf": 0.90,
-                "wm": 0.36, "gm": 0.56, "lesion_gain": 0.6},
+    "T2starw": {"tissue": 0.25, "bone": 0.12, "disc": 0.45, "dura": 0.06, "csf": 0.55,
+                "wm": 0.36, "gm": 0.46, "lesion_gain": 0.6},
 }
 
 # Per-participant storage, cycled by participant index so that even a small dataset mixes

@@ -46,3 +46,23 @@ def test_sizes_that_leave_nothing_to_count_are_refused() -> None:
         resampled_calibration([0.1, 0.2], lambda c: (0.0, None), lambda t, g: [0.0], 2, draws=1)
     with pytest.raises(ValueError, match="draws"):
         resampled_calibration([0.1, 0.2], lambda c: (0.0, None), lambda t, g: [0.0], 1, draws=0)
+
+
+def test_breakdown_by_lesion_type_and_acquisition() -> None:
+    from benchmarks.segmentation_quality import breakdown
+
+    rows = [
+        {"groups": {"lesion_type": "ms", "acquisition": "ax-thick"}, "dice": 0.2, "detected": 1, "n_lesions": 3},
+        {"groups": {"lesion_type": "ms", "acquisition": "sag-iso"}, "dice": 0.6, "detected": 2, "n_lesions": 2},
+        {"groups": {"lesion_type": "sci", "acquisition": "sag-iso"}, "dice": 0.9, "detected": 1, "n_lesions": 1},
+        {"groups": {"lesion_type": "n/a", "acquisition": "ax-thick"}, "false_positive": True},
+        {"groups": {"lesion_type": "n/a", "acquisition": "ax-thick"}, "false_positive": False},
+        {"groups": {}, "false_positive": False},  # a dataset without the columns
+    ]
+    result = breakdown(rows)
+    assert result["lesion_type"]["ms"] == {"n_images": 2, "median_dice": pytest.approx(0.4), "lesion_recall": 0.6}
+    assert result["lesion_type"]["sci"]["lesion_recall"] == 1.0
+    assert result["acquisition"]["ax-thick"] == {"n_images": 1, "median_dice": 0.2, "lesion_recall": pytest.approx(1 / 3),
+                                                 "healthy_with_false_positive": "1 / 2"}
+    assert result["acquisition"]["n/a"] == {"healthy_with_false_positive": "0 / 1"}
+    assert result["lesion_type"]["n/a"] == {"healthy_with_false_positive": "1 / 3"}

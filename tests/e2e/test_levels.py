@@ -1,6 +1,7 @@
 """Both levels end to end on synthetic BIDS datasets: selection, records, outputs, dry runs."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -212,6 +213,10 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     assert used["training"]["vqgan"]["max_steps"] == TINY_TRAINING["training"]["vqgan"]["max_steps"]
     assert used["training"]["diffusion"]["log_every"] == DEMO_SETTINGS["training"]["diffusion"]["log_every"]
     assert (tmp_path / "demo" / "bids" / "dataset_description.json").is_file()
+    with open(tmp_path / "demo" / "bids" / "participants.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    lesion_rows = [(r["lesion_type"], r["acquisition"]) for r in rows if r["pathology"] != "HC"]
+    assert {"ms", "sci"} <= {t for t, _ in lesion_rows} and "ax-thick" in {a for _, a in lesion_rows}
     out = tmp_path / "demo" / "out"
     assert run_record(out, "group")["settings"]["preset"] == "tiny"
     assert run_record(out, "participant")["exit_code"] == 0

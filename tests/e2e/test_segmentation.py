@@ -29,13 +29,19 @@ def outputs(out: Path, subject: str) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def segmented(simple_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("segmented") / "out"
-    assert cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "01", "05",
+    assert cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "01", "02", "03", "05",
                      *FAST, *participant_args(tiny_model)]) == 0
     return out
 
 
-@pytest.mark.parametrize("subject", ["01", "05"])
+#: The simple dataset's acquisitions (participants.tsv): thick-slice ones are segmented on their own grid too.
+ACQUISITION = {"01": "sag-iso", "02": "ax-thick", "03": "sag-thick", "05": "sag-iso"}
+
+
+@pytest.mark.parametrize("subject", sorted(ACQUISITION))
 def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, subject: str) -> None:
+    rows = (simple_dataset / "participants.tsv").read_text().splitlines()
+    assert f"sub-{subject}" in next(r for r in rows if r.endswith(ACQUISITION[subject]) and r.startswith(f"sub-{subject}"))
     source = nib.load(simple_dataset / f"sub-{subject}" / "anat" / f"sub-{subject}_T2w.nii.gz")
     for kind, path in outputs(segmented, subject).items():
         img = nib.load(path)
