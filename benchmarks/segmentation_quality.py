@@ -121,46 +121,14 @@ def breakdown(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def region_depth(region: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Depth (mm) of each voxel of ``region`` below its surface; the array border counts as surface."""
-    from scipy import ndimage
-
-    padded = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)
-    return padded[(slice(1, -1),) * region.ndim]
-
-
-def add_depth_normalised(prepared: dict, healthy: Sequence, edges: Sequence[float], quantile: float,
-                         detect_in: dict[str, int]) -> None:
-    """Add "<app>, depth-normalised": the app's maps divided, per band of depth below the cord
-    surface, by the healthy validation images' ``quantile`` in that band; lesions searched in the
-    whole cord (entry index 1)."""
+def add_no_inset(prepared: dict, detect_in: dict[str, int]) -> None:
+    """Add "<app>, no inset": the app's maps with lesions searched in the whole cord (entry index 1)."""
     name = next(m for m in next(iter(prepared.values()))[2] if m.startswith("counterfactual") and "no adapter" not in m)
-    new = f"{name}, depth-normalised"
-    bounds = [0.0, *edges, np.inf]
-
-    def bands(entry):
-        depth = region_depth(entry[1], entry[4])
-        return [(depth > lo) & (depth <= hi) & entry[1] for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-    scales = {}
-    for kind in (2, 5):  # detection map, growth map
-        pooled = [[] for _ in bounds[:-1]]
-        for record in healthy:
-            entry = prepared[str(record.image)]
-            for k, band in enumerate(bands(entry)):
-                pooled[k].append(entry[kind][name][band])
-        scales[kind] = [max(float(np.quantile(np.concatenate(p), quantile)), 1e-6) if sum(map(len, p)) else 1.0
-                        for p in pooled]
-    print(f"depth bands {bounds}: detection scales {np.round(scales[2], 4).tolist()}, "
-          f"growth scales {np.round(scales[5], 4).tolist()}")
+    plain = f"{name}, no inset"
     for entry in prepared.values():
-        masks = bands(entry)
         for kind in (2, 5):
-            scale = np.ones(entry[1].shape)
-            for band, value in zip(masks, scales[kind]):
-                scale[band] = value
-            entry[kind][new] = entry[kind][name] / scale
-    detect_in[new] = 1
+            entry[kind][plain] = entry[kind][name]
+    detect_in[plain] = 1
 
 
 def without_adapter(seg: SegmentationSettings) -> SegmentationSettings:
@@ -209,10 +177,8 @@ def main() -> int:
                         help="hysteresis: lesions grow to this healthy quantile (default: the app's); 0 = off")
     parser.add_argument("--image-fpr", type=float, default=defaults.calibration.image_fpr,
                         help="healthy image false-positive rate (default: the app's); 0 = maximum")
-    parser.add_argument("--depth-bands", type=float, nargs="*", default=[],
-                        help="also the app's map divided by its healthy --depth-quantile in bands of depth below "
-                             "the cord surface (band edges in mm), searched in the whole cord")
-    parser.add_argument("--depth-quantile", type=float, default=0.99)
+    parser.add_argument("--no-inset-variant", action="store_true",
+                        help="also the app's maps with lesions searched in the whole cord (no detection inset)")
     parser.add_argument("--resample", type=int, default=0, metavar="DRAWS",
                         help="also calibrate on DRAWS random sets (as many images as the validation split) of "
                              "every healthy image not trained on, counting false positives on the others")
@@ -254,8 +220,8 @@ def main() -> int:
                 for record in healthy + lesioned + unseen}
     results = {}
     detect_in: dict[str, int] = {}  # method -> index of its detection region in an entry (6: the inset one)
-    if args.depth_bands:
-        add_depth_normalised(prepared, healthy, sorted(args.depth_bands), args.depth_quantile, detect_in)
+    if args.no_inset_variant:
+        add_no_inset(prepared, detect_in)
     methods = list(next(iter(prepared.values()))[2].keys())
 
     def mask_of(entry, method, threshold, grow):
