@@ -17,6 +17,8 @@ from bids_app.settings import load_config_file, merge_overrides
 log = logging.getLogger(__name__)
 
 #: Healthy participants train (and, held out, calibrate) the models; lesion ones are segmented.
+#: The generator's default mix gives the 3 lesion participants a ``central`` sag-iso, an ``ms``
+#: ax-thick and an ``sci`` sag-thick phantom, and the healthy ones every acquisition.
 #: 14 healthy: 6 train, 8 are held out for calibration (DEMO_SETTINGS' validation_fraction), enough
 #: for the image-level rule to predict a 10 % healthy false-positive rate (a training image costs
 #: training time per step only through its cache; a held-out one costs ~3 s of calibration).

@@ -405,3 +405,37 @@ def test_slice_profile_integrates_partial_volume():
     assert acquired.shape == (2, 2, 4)
     assert acquired[0, 0, 0] == pytest.approx(1.0) and acquired[0, 0, 3] == pytest.approx(0.0, abs=1e-6)
     assert 0.2 < acquired[0, 0, 2] < 0.6  # partial volume, where picking a thin slice would give 0 or 1
+
+
+def test_the_mix_can_be_chosen(tmp_path):
+    ds = generate_dataset(tmp_path / "ds", n_healthy=1, n_lesion=2, seed=2, field_of_view=SMALL_FOV,
+                          lesion_types=("sci",), acquisitions=("ax-thick",))
+    assert set(ds.acquisitions.values()) == {"ax-thick"}
+    assert [ds.lesion_types[p] for p, _ in ds.participants] == [None, "sci", "sci"]
+    assert [path for _, path in ds.participants] == ["HC", "SCI", "SCI"]
+    proc = _cli(str(tmp_path / "cli"), "--n-healthy", "0", "--n-lesion", "1", "--lesion-types", "ms",
+                "--acquisitions", "sag-thick", "--field-of-view", *map(str, SMALL_FOV))
+    assert proc.returncode == 0, proc.stderr
+    row = (tmp_path / "cli" / "participants.tsv").read_text().splitlines()[1].split("\t")
+    assert row[3:] == ["MS", "ms", "sag-thick"]
+    assert _cli(str(tmp_path / "bad"), "--lesion-types", "tumour").returncode == ExitCode.USAGE
+
+
+def test_painting_follows_the_cord_frame_of_a_mask():
+    from bids_app.synthetic.paint import cord_frame, paint_lesions
+
+    x, y = np.meshgrid(np.arange(40) * 0.5, np.arange(30) * 0.5, indexing="ij")
+    ellipse = ((x - 10.0) / 5.0) ** 2 + ((y - 7.0) / 3.0) ** 2 <= 1.0  # semi-axes 5 mm and 3 mm
+    cord = np.repeat(ellipse[:, :, None], 20, axis=2)
+    cord[:, :, :3] = False  # slices without cord take the nearest slice's frame
+    frame = cord_frame(cord, (0.5, 0.5, 1.0))
+    assert frame.semi_lr[10] == pytest.approx(5.0, rel=0.08) and frame.semi_ap[10] == pytest.approx(3.0, rel=0.08)
+    assert frame.semi_lr[0] == frame.semi_lr[3]
+    image = np.where(cord, 100.0, 300.0)
+    painted, lesion = paint_lesions(image, cord, (0.5, 0.5, 1.0), "ms", "T2w", np.random.default_rng(0))
+    assert lesion.any() and not (lesion & ~cord).any()
+    assert (painted[lesion] > 100.0).all() and np.array_equal(painted[~lesion], image[~lesion])
+    depth = ndimage.distance_transform_edt(cord, sampling=(0.5, 0.5, 1.0))
+    assert depth[lesion].min() <= 1.5
+    with pytest.raises(ValueError, match="empty"):
+        cord_frame(np.zeros((4, 4, 4), bool), (1, 1, 1))
