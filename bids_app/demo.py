@@ -30,7 +30,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "preprocessing": {"validation_fraction": 0.57},  # 8 of the 14 healthy participants
     "training": {
         "vqgan": {"max_steps": 400, "disc_start": 250, "checkpoint_every": 100, "log_every": 50, "figure_every": 200},
-        "diffusion": {"max_steps": 1200, "batch_size": 4, "ema_decay": 0.99, "checkpoint_every": 300,
+        "diffusion": {"max_steps": 1000, "batch_size": 4, "ema_decay": 0.99, "checkpoint_every": 250,
                       "log_every": 100, "figure_every": 600},
         "adapter": {"max_steps": 200, "checkpoint_every": 100, "log_every": 50, "figure_every": 0},
     },
