@@ -298,12 +298,10 @@ def main() -> int:
     for method, r in results.items():
         for column, values in r["by"].items():
             for value, e in values.items():
-                recall = e.get("lesion_recall")
-                print(f"| {method} | {column} {value} | {e.get('n_images', 0)} | "
-                      f"{e['median_dice']:.3f} | " if "median_dice" in e else f"| {method} | {column} {value} | 0 | - | ",
-                      end="")
-                print(f"{recall:.2f} | " if recall is not None else "- | ", end="")
-                print(f"{e.get('healthy_with_false_positive', '-')} |")
+                dice_cell = f"{e['median_dice']:.3f}" if "median_dice" in e else "-"
+                recall_cell = f"{e['lesion_recall']:.2f}" if e.get("lesion_recall") is not None else "-"
+                print(f"| {method} | {column} {value} | {e.get('n_images', 0)} | {dice_cell} | {recall_cell} | "
+                      f"{e.get('healthy_with_false_positive', '-')} |")
     if args.resample:
         print(f"\nresampled over {args.resample} calibration sets of {len(healthy)}:\n"
               "| method | healthy FP rate | median Dice (mean) | share with median Dice >= 0.7 |\n|---|---|---|---|")

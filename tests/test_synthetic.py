@@ -439,3 +439,48 @@ def test_painting_follows_the_cord_frame_of_a_mask():
     assert depth[lesion].min() <= 1.5
     with pytest.raises(ValueError, match="empty"):
         cord_frame(np.zeros((4, 4, 4), bool), (1, 1, 1))
+
+
+def _tube_frame():
+    """A straight elliptical cord (semi-axes 5 x 3.5 mm) on a 0.5 mm grid, 40 mm long."""
+    from bids_app.synthetic.lesions import CordFrame
+
+    x = (np.arange(32) - 15.5) * 0.5
+    y = (np.arange(24) - 11.5) * 0.5
+    z = np.arange(80) * 0.5
+    dx = np.broadcast_to(x[:, None, None], (32, 1, 80))
+    dy = np.broadcast_to(y[None, :, None], (1, 24, 80))
+    cord = np.broadcast_to((dx / 5.0) ** 2 + (dy / 3.5) ** 2 <= 1.0, (32, 24, 80)).copy()
+    return CordFrame(dx, dy, z, np.full(80, 5.0), np.full(80, 3.5), cord)
+
+
+def test_sci_plan_swells_the_cord_at_its_level_and_varies_in_brightness():
+    from bids_app.synthetic.lesions import draw_lesions, plan_sci
+
+    rng = np.random.default_rng(0)
+    z = np.arange(0, 64.0, 0.5)
+    plans = [plan_sci(z, rng) for _ in range(200)]
+    assert all(8.0 <= p.length <= 30.0 and 1.5 <= p.radius <= 3.0 for p in plans)  # 3-6 mm across
+    swollen = [p for p in plans if p.swelling > 0]
+    assert 0.3 < len(swollen) / len(plans) < 0.7 and all(0.05 <= p.swelling <= 0.2 for p in swollen)
+    plan = swollen[0]
+    assert plan.swell(np.array([plan.z0]))[0] == pytest.approx(1.0 + plan.swelling)
+    assert plan.swell(np.array([plan.z0 + 3 * plan.length]))[0] == pytest.approx(1.0, abs=1e-3)
+    frame = _tube_frame()
+    field = ndimage.gaussian_filter(rng.standard_normal(frame.cord.shape), 2.0)
+    field /= field.std()
+    contrast = draw_lesions("sci", frame, (0.5, 0.5, 0.5), rng, lambda m: bool(m.any()),
+                            plan_sci(frame.z, rng), field)
+    inside = contrast[contrast > 0]
+    assert inside.size and inside.std() > 0.1 * inside.mean()  # heterogeneous, not one value
+
+
+def test_ms_contrasts_run_from_faint_to_csf_like():
+    from bids_app.synthetic.lesions import CSF_LIKE_CONTRAST, draw_lesions
+
+    frame = _tube_frame()
+    rng = np.random.default_rng(1)
+    values = np.concatenate([np.unique(draw_lesions("ms", frame, (0.5, 0.5, 0.5), rng, lambda m: bool(m.any())))[1:]
+                             for _ in range(12)])
+    assert values.min() < 0.6 and values.max() > 0.8 * CSF_LIKE_CONTRAST
+    assert values.max() <= CSF_LIKE_CONTRAST

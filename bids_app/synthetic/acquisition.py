@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 #: Sub-slices per thick slice on the fine grid the anatomy is drawn on.
 SUBSLICES = 5
@@ -85,11 +85,8 @@ def slice_profile(subslices: int = SUBSLICES, edge: float = PROFILE_EDGE) -> np.
     middle of the slab, soft at its boundaries, with a small tail into the adjacent slices.
     """
     offsets = np.arange(-2 * subslices + 1, 2 * subslices) / subslices  # in slice widths
-    sigma = edge
-    half = 0.5
-    weights = np.array([
-        0.5 * (math.erf((o + half) / (sigma * math.sqrt(2))) - math.erf((o - half) / (sigma * math.sqrt(2))))
-        for o in offsets])
+    scale = edge * math.sqrt(2.0)
+    weights = 0.5 * (special.erf((offsets + 0.5) / scale) - special.erf((offsets - 0.5) / scale))
     weights = weights[weights > 1e-4]
     return weights / weights.sum()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -65,9 +66,15 @@ class Anatomy:
     affine: np.ndarray  # RAS-ordered acquired grid -> world (mm)
     acquisition: Acquisition
 
-    def acquired_mask(self, volume: np.ndarray) -> np.ndarray:
-        """A fine-grid mask as the acquisition sees it (voxels it fills at least half of)."""
-        return acquired_mask(volume, self.acquisition)
+    @cached_property
+    def acquired_cord(self) -> np.ndarray:
+        """The cord mask on the acquired grid (voxels the cord fills at least half of)."""
+        return acquired_mask(self.cord, self.acquisition)
+
+    @cached_property
+    def acquired_lesions(self) -> np.ndarray:
+        """The lesion mask on the acquired grid (voxels lesions fill at least half of)."""
+        return acquired_mask(self.lesion_contrast > 0, self.acquisition)
 
 
 def make_geometry(index: int, acquisition: Acquisition, field_of_view_mm: Sequence[float]) -> Geometry:
@@ -109,7 +116,7 @@ def _smooth_curve(z: np.ndarray, amplitude: float, rng: np.random.Generator) -> 
     return curve * (amplitude / peak) if peak > 0 else curve
 
 
-def _smooth_noise(shape: tuple[int, ...], sigma_vox: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+def smooth_noise(shape: tuple[int, ...], sigma_vox: Sequence[float], rng: np.random.Generator) -> np.ndarray:
     """Unit-variance correlated noise, the basis of tissue texture."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_vox, mode="reflect")
     std = field.std()
@@ -198,11 +205,11 @@ def make_anatomy(geom: Geometry, lesion_type: str | None, rng: np.random.Generat
     tissue[cord & np.broadcast_to(_butterfly(u, v), shape3)] = GM
 
     frame = CordFrame(dx, dy, z, cord_a * swell, cord_b * swell, cord)
-    heterogeneity = _smooth_noise(shape3, [1.0 / s for s in geom.spacing], rng) if sci is not None else None
+    heterogeneity = smooth_noise(shape3, [1.0 / s for s in geom.spacing], rng) if sci is not None else None
     acquisition = geom.acquisition
     lesion_contrast = draw_lesions(lesion_type, frame, acquisition.spacing, rng,
                                    lambda mask: bool(acquired_mask(mask, acquisition).any()), sci, heterogeneity)
-    texture = _smooth_noise(shape3, [1.5 / s for s in geom.spacing], rng)
+    texture = smooth_noise(shape3, [1.5 / s for s in geom.spacing], rng)
     jitter = {k: float(rng.uniform(0.9, 1.1)) for k in ("tissue", "bone", "disc", "dura", "csf", "wm", "gm")}
     affine = acquired_affine(_grid_affine(geom, rng), acquisition)
     logger.debug("anatomy: cord %.1fx%.1f mm, csf %.1fx%.1f mm, lesions %s, %s",

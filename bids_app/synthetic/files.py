@@ -195,8 +195,7 @@ def write_image_set(root: Path, label: str, session: str | None, contrast: str, 
     rel_image = image.relative_to(root).as_posix()
     deriv = _anat_dir(root / "derivatives" / "labels", label, session)
     masks: list[Path | None] = []
-    for kind, volume, desc in (("SC", anat.acquired_mask(anat.cord), "spinal cord"),
-                               ("lesion", anat.acquired_mask(anat.lesion_contrast > 0), "lesion")):
+    for kind, volume, desc in (("SC", anat.acquired_cord, "spinal cord"), ("lesion", anat.acquired_lesions, "lesion")):
         if kind == "lesion" and not volume.any():
             masks.append(None)
             continue

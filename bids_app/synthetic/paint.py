@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from bids_app.synthetic.anatomy import CONTRASTS
+from bids_app.synthetic.anatomy import CONTRASTS, smooth_noise
 from bids_app.synthetic.lesions import CordFrame, SciPlan, draw_lesions, plan_sci
 
 
@@ -56,8 +55,7 @@ def paint_lesions(image: np.ndarray, cord: np.ndarray, spacing: Sequence[float],
     if lesion_type == "sci":
         drawn = plan_sci(frame.z, rng)
         sci = SciPlan(drawn.z0, drawn.length, drawn.radius, swelling=0.0)
-        field = ndimage.gaussian_filter(rng.standard_normal(cord.shape), [1.0 / s for s in spacing])
-        heterogeneity = field / max(float(field.std()), 1e-12)
+        heterogeneity = smooth_noise(cord.shape, [1.0 / s for s in spacing], rng)
     relative = draw_lesions(lesion_type, frame, spacing, rng, lambda mask: bool(mask.any()), sci, heterogeneity)
     lesion = relative > 0
     painted = np.asarray(image, float).copy()
