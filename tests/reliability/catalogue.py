@@ -90,7 +90,18 @@ RUNTIME = (
     _c("no-network", "no network at run time (sockets refused)", 0, "participant level finished in"),
 )
 
-CATALOGUE = {case.key: case for case in (*BAD_INPUT, *RUNTIME)}
+#: Settings and inputs that once crashed (exit 1 with a traceback): each is now a usage or data error.
+SETTINGS_AND_INPUTS: tuple[Case, ...] = ()
+
+#: Runs that must not lose data or give a silently wrong result (shared work dirs, finished models,
+#: datasets that are not the run's own, edited model cards, selection-dependent names, other contrasts).
+TRUST: tuple[Case, ...] = ()
+
+#: One bad image stops nothing; concurrent jobs on one participant keep each other's outputs.
+CONTINUATION: tuple[Case, ...] = ()
+
+ALL_CASES = (*BAD_INPUT, *RUNTIME, *SETTINGS_AND_INPUTS, *TRUST, *CONTINUATION)
+CATALOGUE = {case.key: case for case in ALL_CASES}
 
 
 def case(key: str) -> Case:
@@ -100,7 +111,7 @@ def case(key: str) -> Case:
 def markdown_table() -> str:
     lines = ["| case | exit code | message: the one error line, which names the file (exit 0: a log line) |",
              "| --- | --- | --- |"]
-    for item in (*BAD_INPUT, *RUNTIME):
+    for item in ALL_CASES:
         lines.append(f"| {item.case} | {item.exit_code} | {item.message.replace('|', '/')} |")
     return "\n".join(lines)
 
