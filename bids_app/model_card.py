@@ -2,11 +2,14 @@
 
 It is written last, after every component's weights and config, so a directory without it is an
 unfinished training run. It records what inference must match (version, configs, preprocessing
-plan, latent normalisation) and the SHA-256 of every weight file, so a corrupted or modified model
-is refused instead of silently producing wrong segmentations.
+plan, latent normalisation) and the SHA-256 of every weight and config file, so a corrupted or
+modified model is refused instead of silently producing wrong segmentations. The card carries the
+SHA-256 of its own content too (``content_sha256``): a hand-edited card is refused like an edited
+weight file, so every value a run takes from the card is the value the model was trained with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,12 +19,20 @@ from bids_app.errors import BadDataError, MissingInputError
 
 MODEL_CARD = "model_card.json"
 CARD_FORMAT = 1
+CONTENT_KEY = "content_sha256"
+
+
+def content_sha256(card: Mapping[str, Any]) -> str:
+    """The digest of a card's content (every key but the digest itself, canonical JSON)."""
+    content = {k: v for k, v in card.items() if k != CONTENT_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_model_card(model_dir: Path, card: Mapping[str, Any]) -> Path:
     from bids_app.io import atomic_write_json
 
-    return atomic_write_json(Path(model_dir) / MODEL_CARD, {"format": CARD_FORMAT, "version": __version__, **card})
+    content = json.loads(json.dumps({"format": CARD_FORMAT, "version": __version__, **card}))
+    return atomic_write_json(Path(model_dir) / MODEL_CARD, {**content, CONTENT_KEY: content_sha256(content)})
 
 
 def read_model_card(model_dir: Path) -> dict[str, Any]:
@@ -44,6 +55,9 @@ def read_model_card(model_dir: Path) -> dict[str, Any]:
             f"{path}: model trained with counterseg {card.get('version')} cannot be used by counterseg "
             f"{__version__}: retrain it with the group level"
         )
+    if card.get(CONTENT_KEY) != content_sha256(card):
+        raise BadDataError(f"{path}: the model card was modified after training (its content does not match its "
+                           f"{CONTENT_KEY}): restore the original card or retrain the model")
     return card
 
 

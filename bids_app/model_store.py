@@ -7,6 +7,7 @@ refused with a clear message (exit 65) instead of producing wrong segmentations.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -138,8 +139,6 @@ def load_components(model_dir: Path, plan: PreprocessingPlan, device: str = "cpu
 
 def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
     """Read the card, verify every checksum against it, load weights-only."""
-    import hashlib
-
     from bids_app.schedulers import SchedulerConfig
 
     model_dir = Path(model_dir)
@@ -149,6 +148,8 @@ def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
     for name in ("vqgan", "diffusion"):
         if name not in components:
             raise BadDataError(f"{model_dir / MODEL_CARD}: no {name} component")
+    for name, component in components.items():
+        _verify_config(model_dir / name / CONFIG_FILE, component.get("config_sha256"))
     try:
         vqgan = load_vqgan(model_dir / "vqgan", device, components["vqgan"]["sha256"])
         unet = load_unet(model_dir / "diffusion", device, components["diffusion"]["sha256"])
@@ -161,6 +162,16 @@ def load_trained_models(model_dir: Path, device: str = "cpu") -> TrainedModels:
         raise BadDataError(f"{model_dir}: the model does not match its model card ({exc})") from exc
     log.info("loaded the model in %s (counterseg %s, preset %s)", model_dir, card.get("version"), card.get("preset"))
     return TrainedModels(card, card_sha, vqgan, unet, scheduler, scale, plan, adapter)
+
+
+def _verify_config(path: Path, expected: str | None) -> None:
+    """A component's config must be the one the card recorded (BadDataError, 65)."""
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise BadDataError(f"{path}: unreadable component config ({exc.strerror or exc})") from exc
+    if actual != expected:
+        raise BadDataError(f"{path}: checksum mismatch with the model card: the config was modified after training")
 
 
 def _config(cls: Any, directory: Path) -> Any:

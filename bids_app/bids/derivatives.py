@@ -27,6 +27,7 @@ key is declared in ``DatasetLinks`` of ``dataset_description.json``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -140,11 +141,15 @@ def output_relpath(source_relpath: str | Path, kind: str, disambiguate: bool = F
     return Path(rel.parent) / output_name(rel.name, kind, disambiguate)
 
 
-def unique_output_names(source_relpaths: Iterable[str | Path]) -> dict[str | Path, bool]:
+def unique_output_names(source_relpaths: Iterable[str | Path],
+                        dataset_relpaths: Iterable[str | Path] = ()) -> dict[str | Path, bool]:
     """Tell, per source, whether its outputs need ``disambiguate=True`` to stay unique.
 
-    Only mask and probseg names can collide (they drop the suffix). Raises ValueError if
-    names would still collide after disambiguation (e.g. ``x.nii`` next to ``x.nii.gz``).
+    Only mask and probseg names can collide (they drop the suffix). ``dataset_relpaths``: every
+    image of the dataset, whatever the run selects, so that an image always gets the same names
+    (a T2w image beside a T1w one is disambiguated even in a run that selects only the T2w).
+    Raises ValueError if names would still collide after disambiguation (e.g. ``x.nii`` next to
+    ``x.nii.gz``).
     """
     sources: dict[str | Path, PurePosixPath] = {}
     seen: set[PurePosixPath] = set()
@@ -154,13 +159,22 @@ def unique_output_names(source_relpaths: Iterable[str | Path]) -> dict[str | Pat
             seen.add(rel)
             sources[src] = rel
     plain = {src: output_relpath(rel, "lesion_mask") for src, rel in sources.items()}
-    counts = Counter(plain.values())
+    distinct = set(sources.values()) | {PurePosixPath(Path(r).as_posix()) for r in dataset_relpaths}
+    counts = Counter(name for name in map(_plain_output_or_none, distinct) if name is not None)
     needs = {src: counts[name] > 1 for src, name in plain.items()}
     final = Counter(output_relpath(rel, "lesion_mask", needs[src]) for src, rel in sources.items())
     clashes = sorted(str(name) for name, n in final.items() if n > 1)
     if clashes:
         raise ValueError(f"sources would still write the same outputs: {', '.join(clashes)}")
     return needs
+
+
+def _plain_output_or_none(relpath: PurePosixPath) -> Path | None:
+    """The undisambiguated mask name of a dataset image; None for a file no output can be named after."""
+    try:
+        return output_relpath(relpath, "lesion_mask")
+    except ValueError:
+        return None
 
 
 def sidecar(source_relpath: str | Path, kind: str, extra: Mapping[str, Any] | None = None) -> dict:
@@ -198,6 +212,18 @@ def dataset_description(
         "SourceDatasets": [{"URL": uri}],
         "DatasetLinks": {RAW_LINK: uri},
     }
+
+
+def generated_by_counterseg(dataset_dir: str | Path) -> bool:
+    """Whether ``dataset_dir`` holds a dataset that counterseg generated (its
+    ``dataset_description.json`` names counterseg in ``GeneratedBy``)."""
+    try:
+        description = json.loads((Path(dataset_dir) / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    generated = description.get("GeneratedBy") if isinstance(description, dict) else None
+    return isinstance(generated, list) and any(
+        isinstance(entry, dict) and entry.get("Name") == "counterseg" for entry in generated)
 
 
 def detect_container(

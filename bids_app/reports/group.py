@@ -3,7 +3,7 @@ how the threshold was calibrated, and how the segmentations score where a ground
 
 Sources: the group run record (selection, exclusions, stage summaries), the model directory's JSON
 files and training figures (``split.json``, ``model_card.json``, ``calibration.json``, ``figures/``),
-the loss logs in ``<work_dir>/checkpoints/<stage>/losses.jsonl``, and the participant outputs
+the loss logs in the model's checkpoint folder of the work dir (``<stage>/losses.jsonl``), and the participant outputs
 (evaluation files and ``evaluation_summary.tsv``). No weights are read.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bids_app.errors import CountersegError
 from bids_app.io import atomic_write_bytes, atomic_write_text
 from bids_app.reports import figures, html
 from bids_app.reports import outputs as out
+from bids_app.workspace import checkpoints_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,11 @@ def _models(context: _Context) -> str:
 
 
 def _training_curves(context: _Context) -> str:
-    logs = sorted((context.work_dir / "checkpoints").glob("*/losses.jsonl"),
+    folder = checkpoints_dir(context.work_dir, context.model_dir)
+    logs = sorted(folder.glob("*/losses.jsonl"),
                   key=lambda p: (STAGE_ORDER.index(p.parent.name) if p.parent.name in STAGE_ORDER else 99, p))
     if not logs:
-        return html.note(f"No loss logs in {context.work_dir / 'checkpoints'} (the work directory may have been "
+        return html.note(f"No loss logs in {folder} (the work directory may have been "
                          "cleaned).")
     blocks = []
     for path in logs:

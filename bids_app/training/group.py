@@ -12,6 +12,7 @@ participants, and the other ranks are done by then.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -38,16 +39,19 @@ log = logging.getLogger(__name__)
 
 
 
-def train_models(settings: RunSettings, prepared: PreparedData, device: str,
+def train_models(settings: RunSettings, prepared: PreparedData, identity: Mapping[str, Any], device: str,
                  dist: Distributed = SINGLE) -> dict[str, Any]:
-    """Run the selected stages; returns what the run record and model card say about them."""
+    """Run the selected stages; returns what the run record and model card say about them.
+
+    Called only when the model directory holds no finished model, or ``--retrain`` was given
+    (``bids_app.training.identity.model_is_current``)."""
     model_dir = settings.model_dir
+    run = TrainingRun(settings, prepared, device, dist, identity)
     if dist.is_main:
         (model_dir / MODEL_CARD).unlink(missing_ok=True)  # re-written last, once every component is final
         remove_leftover_temp_files(model_dir, recursive=True)  # a killed run's half-written files
-        remove_leftover_temp_files(settings.work_dir / "checkpoints", recursive=True)
+        remove_leftover_temp_files(run.checkpoints, recursive=True)
     dist.barrier()  # every rank decides below from the same files
-    run = TrainingRun(settings, prepared, device, dist)
     for name, plan_stage in STAGES:
         plan = plan_stage(run) if name in settings.training.stages else None
         if plan is not None:
@@ -65,7 +69,7 @@ def train_models(settings: RunSettings, prepared: PreparedData, device: str,
     if set(settings.training.stages) <= {"plan"}:
         log.info("only the plan stage was asked for: no model is trained")
     elif summary.get("vqgan") and summary.get("diffusion"):
-        write_model_card(model_dir, _card(settings, prepared, summary))
+        write_model_card(model_dir, _card(settings, prepared, summary, identity))
         log.info("model card written: %s", model_dir / MODEL_CARD)
     else:
         missing = [name for name in ("vqgan", "diffusion") if not summary.get(name)]
@@ -83,20 +87,20 @@ def _calibrate(settings: RunSettings, prepared: PreparedData, models_sha256: str
     """Run (or reuse) the calibration; the file holds its identity, a summary and the reference."""
     path = settings.model_dir / CALIBRATION_FILE
     seg, seed = settings.segmentation, settings.compute.seed
-    identity = json.loads(json.dumps(calibration_identity(seg, seed, models_sha256)))
+    suffixes = [item.suffix for item in _calibration_images(prepared)]
+    identity = json.loads(json.dumps(calibration_identity(seg, seed, models_sha256, suffixes)))
     if path.is_file() and not settings.training.retrain:
         stored = read_calibration_file(path)
         if stored.identity == identity:
             log.info("calibrate: already done for this model and these settings (%s)", path)
             return dict(stored.summary)
-    samples = prepared.validation
-    if not samples:
+    if not prepared.validation:
         log.warning("calibrate: no validation participant: calibrating on the training participants, whose "
                     "residuals are optimistic; the false-positive rate on new healthy data will be higher")
-        samples = prepared.train
+    samples = prepared.validation or prepared.train
     models = load_components(settings.model_dir, prepared.plan, device)
     pipeline = CounterfactualPipeline.from_models(models, device, settings.compute)
-    images = [ImageInput(s.name, s.image, s.masks.get("cord"), s.masks.get("control")) for s in samples]
+    images = _calibration_images(prepared)
     calibration = run_calibration(pipeline, prepared.plan, images, seg, seed)
     summary = {"threshold": calibration.threshold, "quantile": calibration.quantile,
                "n_images": calibration.n_images, "n_voxels": calibration.n_voxels,
@@ -105,7 +109,14 @@ def _calibrate(settings: RunSettings, prepared: PreparedData, models_sha256: str
     return summary
 
 
-def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any]) -> dict[str, Any]:
+def _calibration_images(prepared: PreparedData) -> list[ImageInput]:
+    """The held-out healthy images (the training ones when there are none)."""
+    return [ImageInput(s.name, s.image, s.masks.get("cord"), s.masks.get("control"))
+            for s in prepared.validation or prepared.train]
+
+
+def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, Any],
+          identity: Mapping[str, Any]) -> dict[str, Any]:
     components = {}
     for name in ("vqgan", "diffusion", "adapter"):
         stage = summary.get(name)
@@ -113,6 +124,7 @@ def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, A
             continue
         components[name] = {
             "weights": f"{name}/{WEIGHTS_FILE}", "config": f"{name}/{CONFIG_FILE}", "sha256": stage["sha256"],
+            "config_sha256": hashlib.sha256((settings.model_dir / name / CONFIG_FILE).read_bytes()).hexdigest(),
             "steps": stage["steps"], "stopped_by": stage["stopped_by"], "final_metrics": stage["final_metrics"],
         }
     return {
@@ -124,13 +136,13 @@ def _card(settings: RunSettings, prepared: PreparedData, summary: Mapping[str, A
         "calibration": _calibration_entry(settings.model_dir, summary.get("calibration")),
         "training_participants": prepared.split["train"],
         "validation_participants": prepared.split["validation"],
+        "contrasts": list(identity["contrasts"]),
+        "training_identity": dict(identity),
     }
 
 
 def _calibration_entry(model_dir: Path, summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if summary is None:
         return None
-    import hashlib
-
     digest = hashlib.sha256((model_dir / CALIBRATION_FILE).read_bytes()).hexdigest()
     return {**summary, "file": CALIBRATION_FILE, "sha256": digest}

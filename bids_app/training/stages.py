@@ -16,8 +16,7 @@ from typing import Any, Callable, Mapping
 
 from bids_app.data import AugmentationSettings, TrainingVolumes
 from bids_app.distributed import Distributed
-from bids_app.errors import MissingInputError
-from bids_app.io import atomic_write_json
+from bids_app.errors import MissingInputError, UsageError
 from bids_app.model_store import is_finished, load_unet, load_vqgan, read_stage, store_component
 from bids_app.models.adapter import AdapterConfig
 from bids_app.models.discriminators import DiscriminatorConfig
@@ -25,9 +24,11 @@ from bids_app.schedulers import SchedulerConfig
 from bids_app.settings import RunSettings, StageSettings
 from bids_app.training import loop
 from bids_app.training.adapter import AdapterStage
+from bids_app.training.identity import describe_differences, differences, read_identity, record_identity, without_budget
 from bids_app.training.diffusion import DiffusionStage, latent_scale, unet_config
 from bids_app.training.preparation import PreparedData
 from bids_app.training.vqgan import VQGANStage, vqgan_config
+from bids_app.workspace import checkpoints_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class TrainingRun:
     prepared: PreparedData
     device: str
     dist: Distributed
+    #: What the model is trained on and with (``bids_app.training.identity``): every checkpoint records it.
+    identity: Mapping[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # each stage's record, once it ran
     _vqgan: Any = None
 
@@ -50,6 +53,10 @@ class TrainingRun:
     @property
     def cache(self) -> Path:
         return self.settings.work_dir / "cache"
+
+    @property
+    def checkpoints(self) -> Path:
+        return checkpoints_dir(self.settings.work_dir, self.settings.model_dir)
 
     @property
     def context(self) -> loop.StageContext:
@@ -158,7 +165,7 @@ def train_stage(run: TrainingRun, name: str, plan: StagePlan) -> None:
         return
     stage_settings: StageSettings = getattr(settings.training, name)
     stage = plan.build()
-    result = _run(stage, stage_settings, settings, name, plan.identity, dist)
+    result = _run(run, stage, stage_settings, name, plan.identity)
     if dist.is_main:
         store_component(directory, stage.inference_weights(), plan.identity, _summary(result, stage_settings, dist),
                         plan.extra(stage))
@@ -171,19 +178,31 @@ def finished_record(run: TrainingRun, name: str) -> dict[str, Any]:
     return read_stage(directory) if is_finished(directory) else {}
 
 
-def _run(stage: Any, stage_settings: StageSettings, settings: RunSettings, name: str,
-         identity: Mapping[str, Any], dist: Distributed) -> loop.StageResult:
-    """Resume from the stage's checkpoint only when it was made for the same identity (architecture
-    and upstream weights) and no retraining was asked; otherwise start afresh."""
-    checkpoints = settings.work_dir / "checkpoints" / name
+def _run(run: TrainingRun, stage: Any, stage_settings: StageSettings, name: str,
+         identity: Mapping[str, Any]) -> loop.StageResult:
+    """Train from the stage's checkpoint when there is one. A checkpoint records what it was made
+    for: another training (settings, data, plan) is refused (exit 64) unless ``--retrain``; new
+    upstream weights (an earlier stage trained again) start the stage afresh."""
+    settings, dist = run.settings, run.dist
+    checkpoints = run.checkpoints / name
     marker = checkpoints / "identity.json"
-    wanted = json.loads(json.dumps(identity))
-    stale = marker.is_file() and json.loads(marker.read_text()) != wanted
-    if dist.is_main and (settings.training.retrain or stale or not marker.is_file()):
+    wanted = json.loads(json.dumps({"stage": identity, "plan": run.prepared.plan.to_dict(),
+                                    **without_budget(run.identity)}))
+    stored = read_identity(marker) if dist.is_main and not settings.training.retrain else None
+    if stored is not None:
+        changed = differences({k: v for k, v in stored.items() if k != "stage"},
+                              {k: v for k, v in wanted.items() if k != "stage"})
+        if changed:
+            raise UsageError(f"{name}: the checkpoint in {checkpoints} was made by another training: "
+                             f"{describe_differences(changed)}; rerun with the settings and data it was made with, "
+                             "or --retrain to start afresh")
+    stale = stored is not None and stored.get("stage") != wanted["stage"]
+    if dist.is_main and (settings.training.retrain or stale or stored is None):
         if stale:
-            log.info("%s: the checkpoint in %s belongs to another configuration; starting afresh", name, checkpoints)
+            log.info("%s: the checkpoint in %s was made on other upstream weights or architecture; starting afresh",
+                     name, checkpoints)
         shutil.rmtree(checkpoints, ignore_errors=True)
-        atomic_write_json(marker, wanted)
+        record_identity(marker, wanted)
     dist.barrier()  # the checkpoint folder is settled before any rank resumes from it
     _log_batch(name, stage_settings, dist)
     log.info("%s: training for up to %d steps%s", name, stage_settings.max_steps,

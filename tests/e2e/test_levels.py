@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bids_app.workspace import checkpoints_dir
 from bids_app import cli
 from bids_app.bids.validate import run_validator
 from bids_app.errors import ExitCode
@@ -227,7 +228,7 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
         weights = models / component["weights"]
         assert hashlib.sha256(weights.read_bytes()).hexdigest() == component["sha256"]
         assert component["steps"] == run_record(out, "group")["settings"]["training"][name]["max_steps"]
-        losses = (out / "work" / "checkpoints" / name / "losses.jsonl").read_text().splitlines()
+        losses = (checkpoints_dir(out / "work", out / "models") / name / "losses.jsonl").read_text().splitlines()
         assert len(losses) == component["steps"]
     assert card["latent_scale"] > 0
     assert card["training_participants"] == json.loads((models / "split.json").read_text())["train"]

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from bids_app.workspace import checkpoints_dir
 from tests.conftest import participant_args
 
 from tests.reliability.harness import FAST
@@ -385,7 +386,7 @@ def _unfinished_training(s: Setup) -> tuple[Path, Path]:
     out = s.tmp / "trained"
     shutil.copytree(s.model.parent, out)
     (out / "models" / "vqgan" / "stage.json").unlink()
-    return out, out / "work" / "checkpoints" / "vqgan" / "latest.pt"
+    return out, checkpoints_dir(out / "work", out / "models") / "vqgan" / "latest.pt"
 
 
 def _group_args(s: Setup) -> list[str]:

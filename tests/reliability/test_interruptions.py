@@ -11,6 +11,7 @@ import random
 import signal
 from pathlib import Path
 
+from bids_app.workspace import checkpoints_dir
 from bids_app import killpoints
 from bids_app.image_outputs import image_outputs
 from bids_app.model_store import load_trained_models
@@ -73,7 +74,7 @@ def assert_nothing_half_written(out: Path) -> dict[str, int]:
     JSON parses. Returns the step each unfinished stage must resume from."""
     resume = {}
     for stage in STEPS:
-        checkpoint = out / "work" / "checkpoints" / stage / "latest.pt"
+        checkpoint = checkpoints_dir(out / "work", out / "models") / stage / "latest.pt"
         record = out / "models" / stage / "stage.json"
         if record.is_file():
             load_weights(out / "models" / stage / "weights.pt", json.loads(record.read_text())["sha256"])
@@ -119,7 +120,7 @@ def test_group_sigterm_then_sigint_checkpoint_and_exit(simple_dataset: Path, tmp
         monkeypatch.setenv(killpoints.ENV_SIGNAL, signal_name)
         assert run_cli(*argv) == item.exit_code
         assert_one_error_line(caplog, *item.fragments(), "rerun the same command to resume")
-        assert load_checkpoint(out / "work" / "checkpoints" / stage / "latest.pt")["step"] == step
+        assert load_checkpoint(checkpoints_dir(out / "work", out / "models") / stage / "latest.pt")["step"] == step
         assert not (out / "models" / "model_card.json").exists()
         assert not temp_files(out)
     assert "vqgan: resuming from step 1" in caplog.text

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bids_app.workspace import checkpoints_dir
 from bids_app import cli
 from bids_app.compute import configure_threads
 from bids_app.errors import ExitCode, UsageError
@@ -103,7 +104,7 @@ def _files(root: Path) -> set[str]:
 
 
 def _losses(out: Path, stage: str) -> list[dict]:
-    return [json.loads(line) for line in (out / "work" / "checkpoints" / stage / "losses.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (checkpoints_dir(out / "work", out / "models") / stage / "losses.jsonl").read_text().splitlines()]
 
 
 def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
