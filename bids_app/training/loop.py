@@ -108,10 +108,12 @@ def run_stage(stage: Stage, budget: StageSettings, checkpoint_dir: Path, dist: D
                     eta = (budget.max_steps - step) / max(rate, 1e-9)
                     log.info("%s step %d/%d %s (%.2f it/s, ETA %s)", stage.name, step, budget.max_steps,
                              _format(metrics), rate, _duration(eta))
+            # A signal reaches the ranks at different steps: agreed on here, every rank stops after this one.
+            stopping = dist.any(stop.requested)
             if is_main and (step % budget.checkpoint_every == 0 or step == budget.max_steps or out_of_time
-                            or stop.requested):
+                            or stopping):
                 save_checkpoint(checkpoint, {"step": step, "stage": stage.state_dict()})
-            if stop.requested:
+            if stopping:
                 raise stop.error(f"{stage.name} saved a checkpoint at step {step} ({checkpoint})")
             if out_of_time and step < budget.max_steps:
                 stopped_by = "max_time"

@@ -116,3 +116,26 @@ def test_weights_checksum_and_truncation(tmp_path: Path) -> None:
     (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:20])
     with pytest.raises(BadDataError):
         load_checkpoint(tmp_path / "c.pt")
+
+
+class _PeerSignalled:
+    """A two-rank job's view from rank 0 when only the other rank got SIGTERM at step 3."""
+
+    is_main, rank, world_size = True, 0, 2
+
+    def __init__(self) -> None:
+        self.agreements = 0
+
+    def any(self, flag: bool, device: str = "cpu") -> bool:
+        self.agreements += 1
+        return flag or self.agreements >= 3
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    from bids_app import interruption
+    from bids_app.errors import RunInterrupted
+
+    dist = _PeerSignalled()
+    with interruption.handle_signals(), pytest.raises(RunInterrupted, match="saved a checkpoint at step 3"):
+        loop.run_stage(ToyStage(), StageSettings(max_steps=30, checkpoint_every=100), tmp_path, dist)  # type: ignore[arg-type]
+    assert load_checkpoint(tmp_path / loop.CHECKPOINT_NAME)["step"] == 3
