@@ -7,6 +7,7 @@ and a crash log under ``<output_dir>/logs/``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="group level: stages to run: plan (data fingerprint, plan, split, cache; always runs), vqgan, diffusion, "
                "adapter, calibrate (default: all)")
     _flag(run, "--retrain", action="store_true", help="group level: retrain stages that already finished")
+    _flag(run, "--stop-on-first-crash", action="store_true",
+          help="participant level: stop at the first image that fails (default: segment every other image, write "
+               "a crash report per failed image under OUTPUT_DIR/logs and exit with the failure's code at the end)")
     _flag(run, "--report-only", "--reports-only", action="store_true",
           help="participant level: rebuild the summary table and reports from existing outputs; no model needed")
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
@@ -158,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             f"unknown analysis level {args.analysis_level!r}: choose {' or '.join(ANALYSIS_LEVELS)}"
         )
     # Old keys are moved first, so that a flag overrides a setting given under its old name.
-    config = migrate(load_config_file(args.config)) if "config" in args else {}
+    config = migrate(load_config_file(args.config)) if "config" in args else _stored_training_settings(args)
     cli: dict[str, Any] = {
         "bids_dir": Path(args.bids_dir).absolute(),
         "output_dir": Path(args.output_dir).absolute(),
@@ -215,10 +219,28 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         set_path(cli, "segmentation.strength_sweep", parse_sweep(args.strength_sweep))
     if "overwrite" in args:
         cli["overwrite"] = args.overwrite
+    if "stop_on_first_crash" in args:
+        cli["stop_on_first_crash"] = args.stop_on_first_crash
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}
     if compute:
         cli["compute"] = {**cli.get("compute", {}), **compute}
     return build_settings(merge_overrides(config, cli))
+
+
+def _stored_training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """At the group level without ``--preset`` and ``--config``: the settings the model directory was
+    trained with (so a rerun continues or checks that training, not the default preset's)."""
+    if args.analysis_level != "group" or "preset" in args:
+        return {}
+    from bids_app.training.identity import stored_settings
+
+    model_dir = Path(args.model_dir if "model_dir" in args else Path(args.output_dir) / "models").absolute()
+    stored = stored_settings(model_dir)
+    if stored is None:
+        return {}
+    log.info("using the settings the model in %s was trained with (preset %s); --preset or --config "
+             "gives others", model_dir, stored.get("preset", "default"))
+    return stored
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:
@@ -262,8 +284,47 @@ def check_paths(settings: RunSettings) -> None:
             )
 
 
+#: What a run of counterseg creates in ``output_dir`` before its dataset description: a folder that
+#: holds only these (a model copied in, an earlier run's scratch space) is still the app's own.
+OWN_ENTRIES = frozenset({"logs", "models", "work"})
+
+
+def check_output_dir(settings: RunSettings) -> None:
+    """Refuse (exit 64), before anything is written, an ``output_dir`` that is not counterseg's to
+    write: one holding a dataset that counterseg did not generate (the raw dataset, when ``bids_dir``
+    and ``output_dir`` are swapped; another derivative such as the masks' dataset), any other folder
+    that is not empty, and one that contains ``bids_dir``."""
+    from bids_app.bids.layout import generated_by_counterseg
+
+    output_dir, bids_dir = settings.output_dir.resolve(), settings.bids_dir.resolve()
+    if output_dir in bids_dir.parents:
+        raise UsageError(f"output_dir {settings.output_dir} contains the input dataset {settings.bids_dir}: choose "
+                         "an output folder outside it (bids_dir/derivatives/<name> is allowed)")
+    if not output_dir.is_dir() or generated_by_counterseg(output_dir):
+        return
+    if (output_dir / "dataset_description.json").exists():
+        swapped = " (are bids_dir and output_dir swapped?)" if _looks_raw(output_dir) else ""
+        raise UsageError(f"output_dir {settings.output_dir} holds a dataset that counterseg did not generate"
+                         f"{swapped}: counterseg writes only into a new or empty folder or its own earlier output; "
+                         "choose another output_dir")
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in OWN_ENTRIES)
+    if foreign:
+        raise UsageError(f"output_dir {settings.output_dir} is not empty ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}) and holds no counterseg output: counterseg writes "
+                         "only into a new or empty folder or its own earlier output; choose another output_dir")
+
+
+def _looks_raw(folder: Path) -> bool:
+    try:
+        description = json.loads((folder / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and description.get("DatasetType", "raw") == "raw"
+
+
 def prepare_output(settings: RunSettings) -> Path:
-    """Create ``output_dir/logs`` (exit 73 when that is impossible)."""
+    """Create ``output_dir/logs`` (exit 73 when that is impossible) and claim the folder with the
+    derivative's ``dataset_description.json`` before anything else is written into it."""
     logs = settings.output_dir / "logs"
     try:
         logs.mkdir(parents=True, exist_ok=True)
@@ -274,6 +335,7 @@ def prepare_output(settings: RunSettings) -> Path:
         raise CannotCreateError(
             f"cannot create output in {settings.output_dir}: {exc.strerror or exc}"
         ) from exc
+    finalise_output(settings)
     return logs
 
 
@@ -313,6 +375,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return run_demo(args.demo, args)
         settings = settings_from_args(args)
         check_paths(settings)
+        check_output_dir(settings)
         if settings.dry_run:
             from bids_app.levels import dry_run_listing
 
@@ -370,6 +433,7 @@ def _run_level_logged(settings: RunSettings, logs: Path, context: Any = None) ->
         log.info("%s level finished in %.1f s", settings.analysis_level, time.time() - started)
     except (CountersegError, RunInterrupted) as exc:
         code = _report(exc)
+        record.update(getattr(exc, "run_record", None) or {})  # what a run that failed some images did
         record["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - the one place a crash becomes exit 1
         crash = runlog.write_crash_log(logs, name, exc)

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _temp_path(path: Path, suffix: str = ".tmp") -> Path:
 
 
 #: What ``_temp_path`` makes: ``.<final name>.<pid>.<8 hex>.tmp[.nii[.gz]]``.
-_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.\d+\.[0-9a-f]{8}\.tmp(?P<ext>\.nii(?:\.gz)?)?$")
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<ext>\.nii(?:\.gz)?)?$")
 
 
 def temp_file_target(name: str) -> str | None:
@@ -42,13 +43,33 @@ def temp_file_target(name: str) -> str | None:
     return None if match is None else match["final"] + (match["ext"] or "")
 
 
+def temp_file_owner(name: str) -> int | None:
+    """The process id that wrote a temporary file of ours, or None for any other file."""
+    match = _TEMP_RE.match(name)
+    return None if match is None else int(match["pid"])
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (it may be another program that reused the id)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_leftover_temp_files(directory: str | Path, finals: Iterable[str] | None = None,
-                               recursive: bool = False) -> list[Path]:
+                               recursive: bool = False, keep_live_owners: bool = False) -> list[Path]:
     """Remove temporary files a killed process left behind (SIGKILL runs no cleanup).
 
     Only a process that owns the targets may call this: the group level for its model and
-    checkpoint folders, the participant level for the outputs of the image it is about to redo.
-    ``finals`` limits the sweep to temporary files of those final names.
+    checkpoint folders, the participant level for the outputs of an image whose lock it holds (so
+    every temporary file of that image is proven abandoned). ``finals`` limits the sweep to
+    temporary files of those final names. ``keep_live_owners`` (no lock to prove ownership) keeps
+    the files whose writer's process id is alive on this host: a live job's file is never removed,
+    at the price of keeping a dead job's file whose id was reused.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -57,9 +78,13 @@ def remove_leftover_temp_files(directory: str | Path, finals: Iterable[str] | No
     removed = []
     for path in directory.rglob(".*") if recursive else directory.glob(".*"):
         target = temp_file_target(path.name)
-        if target is not None and (wanted is None or target in wanted) and path.is_file():
-            _remove_quietly(path)
-            removed.append(path)
+        if target is None or (wanted is not None and target not in wanted) or not path.is_file():
+            continue
+        owner = temp_file_owner(path.name)
+        if keep_live_owners and owner is not None and process_alive(owner):
+            continue
+        _remove_quietly(path)
+        removed.append(path)
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), directory)
     return removed
@@ -221,3 +246,68 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    """How a non-blocking lock attempt went: ``held`` by this process, or ``busy``: another live
+    process holds it (``holder``: the process id it recorded, None when not yet written). Neither
+    where the filesystem has no ``flock`` (some network filesystems): the caller goes ahead unproven."""
+
+    held: bool
+    busy: bool = False
+    holder: int | None = None
+
+
+@contextlib.contextmanager
+def try_exclusive_lock(path: str | Path) -> Iterator[LockAttempt]:
+    """Try once, without waiting, to take the advisory lock on ``path`` (created if needed, never
+    removed: removing a lock file races with a process opening it) for as long as the block runs.
+
+    The holder writes its process id into the file for the message of the one that finds it busy.
+    ``flock`` belongs to the open file, so the kernel releases it when the holder dies, however it
+    dies: a lock nobody holds proves that whoever took it before has finished or is dead.
+    """
+    path = Path(path)
+    ensure_parent(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _error(path, exc, creating=True) from exc
+    try:
+        yield _take(fd, path)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+_UNLOCKABLE: set[Path] = set()  # folders whose filesystem refused flock (warned about once)
+
+
+def _take(fd: int, path: Path) -> LockAttempt:
+    """One non-blocking ``flock`` on ``fd``; on success record this process's id in the file."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return LockAttempt(held=False, busy=True, holder=_recorded_pid(fd))
+        if path.parent not in _UNLOCKABLE:  # once per folder, not once per image
+            _UNLOCKABLE.add(path.parent)
+            logger.warning("no lock on %s (%s): concurrent jobs on one image are not detected on this filesystem",
+                           path, exc.strerror or exc)
+        return LockAttempt(held=False)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # the id is for a message only
+        pass
+    return LockAttempt(held=True)
+
+
+def _recorded_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -63,17 +63,34 @@ def discover_inputs(settings: RunSettings, dist: Distributed = SINGLE) -> Inputs
     if settings.analysis_level == "group":
         participants = bids_layout.read_participants(bids_dir)
         training = bids_layout.select_training(images, participants, selection)
-    disambiguate = unique_output_names([r.relpath for r in images])
+    disambiguate = unique_output_names([r.relpath for r in images], _dataset_images(bids_dir))
     return Inputs(tuple(images), roots, True, training, disambiguate)
+
+
+def _dataset_images(bids_dir: Path) -> list[str]:
+    """Every NIfTI image of the raw dataset, whatever the selection (output names depend on them)."""
+    return sorted(p.relative_to(bids_dir).as_posix() for p in bids_dir.glob("sub-*/**/*.nii*")
+                  if not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz")))
 
 
 def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Group level: select and check the healthy training images, train. Returns the run record
-    (rank 0's is the one written; the other ranks only train)."""
+    (rank 0's is the one written; the other ranks only train).
+
+    A finished model trained with the same settings and data is left as it is (nothing to train); one
+    trained otherwise is refused without ``--retrain`` (``bids_app.training.identity``).
+    ``--reports-only`` rebuilds the group report from what is on disk and trains nothing."""
+    if settings.report_only:
+        if dist.is_main:
+            _build_reports("group", lambda reports: reports.build_group_report(settings.output_dir))
+        log.info("--reports-only: the group report was rebuilt; nothing was trained")
+        return {"reports_only": True}
     # Imported here: the participant level never loads the training code.
     from bids_app.training.group import train_models
+    from bids_app.training.identity import IDENTITY_FILE, model_is_current, record_identity, training_identity
     from bids_app.training.preparation import describe as describe_preparation
     from bids_app.training.preparation import prepare_training_data
+    from bids_app.training.stages import check_model_settings
 
     inputs = discover_inputs(settings, dist)
     assert inputs.training is not None
@@ -86,14 +103,18 @@ def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) ->
         len(training.participants),
         ", ".join(f"sub-{s}" for s in training.participants),
     )
+    check_model_settings(settings)
+    identity, current = None, False
     if dist.is_main:
         _check_inputs(training.images, settings)
-    prepared = prepare_training_data(settings, training, dist)
-    models = train_models(settings, prepared, device, dist)
-    record = {
+        identity = training_identity(settings, training)
+        current = model_is_current(settings.model_dir, identity, settings.training.retrain)
+        if not current:
+            settings.model_dir.mkdir(parents=True, exist_ok=True)
+            record_identity(settings.model_dir / IDENTITY_FILE, identity)
+    identity, current = dist.broadcast_object((identity, current))
+    record: dict[str, Any] = {
         "inputs": _describe_inputs(inputs, settings.bids_dir),
-        "preprocessing": describe_preparation(prepared),
-        "models": models,
         "training": {
             "participants": [f"sub-{s}" for s in training.participants],
             "images": [r.relpath for r in training.images],
@@ -102,10 +123,19 @@ def run_group(settings: RunSettings, device: str, dist: Distributed = SINGLE) ->
         "device": device,
         "distributed": describe_distributed(dist),
     }
+    if current:
+        log.info("the model in %s is finished and was trained with these settings and data: nothing to train "
+                 "(--retrain trains it again)", settings.model_dir)
+        record["models"] = {"unchanged": str(settings.model_dir)}
+    else:
+        prepared = prepare_training_data(settings, training, dist)
+        record["preprocessing"] = describe_preparation(prepared)
+        record["models"] = train_models(settings, prepared, identity, device, dist)
     if not dist.is_main:
         return record
-    current = {"settings": settings_to_dict(settings), **record}
-    _build_reports("group", lambda reports: reports.build_group_report(settings.output_dir, run_record=current))
+    current_record = {"settings": settings_to_dict(settings), **record}
+    _build_reports("group", lambda reports: reports.build_group_report(settings.output_dir,
+                                                                       run_record=current_record))
     return record
 
 
@@ -118,18 +148,20 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
             "level needs BIDS entities to name its outputs; a plain folder of NIfTI files is accepted "
             "for group-level training only"
         )
-    if not settings.report_only:
-        _check_inputs(inputs.images, settings)
+    from bids_app.participant import ImagesFailed, segment_images, summarise_existing
+
+    # Every bad input is found before work starts; by default the others are segmented all the same.
+    bad_inputs = {} if settings.report_only else _input_failures(inputs.images, settings)
+    if bad_inputs and settings.stop_on_first_crash:
+        _check_inputs(inputs.images, settings, bad_inputs)
     for record in inputs.images:
         log.info("found %s (cord mask: %s, lesion mask: %s)", record.relpath,
                  _short(record.cord_mask), _short(record.lesion_mask))
     record: dict[str, Any] = {"inputs": _describe_inputs(inputs, settings.bids_dir), "device": device}
-    from bids_app.participant import segment_images, summarise_existing
-
     if settings.report_only:
         record["segmentation"] = summarise_existing(settings, inputs.images, inputs.disambiguate)
     else:
-        record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device)
+        record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device, bad_inputs)
     current = {"settings": settings_to_dict(settings), **record}
     labels = sorted({r.subject for r in inputs.images})
     _build_reports("participant", lambda reports: reports.build_participant_reports(
@@ -137,6 +169,9 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
     with exclusive_lock(settings.output_dir / "logs" / GROUP_REPORT_LOCK):  # concurrent jobs: see exclusive_lock
         _build_reports("group", lambda reports: reports.has_group_run(settings.output_dir)
                        and reports.build_group_report(settings.output_dir))
+    failed = record["segmentation"].get("failed")
+    if failed:
+        raise ImagesFailed(failed, len(inputs.images), record)
     return record
 
 
@@ -188,14 +223,28 @@ def _discover_plain_folder(settings: RunSettings) -> Inputs:
     return Inputs(tuple(images), (), False, training)
 
 
-def _check_inputs(records: Sequence[bids_layout.ImageRecord], settings: RunSettings) -> None:
-    """Every image and mask must pass every input check before work is spent on any (BadDataError, 65)."""
-    empty = [r.image for r in records if r.image.is_file() and r.image.stat().st_size == 0]
-    if empty:
-        raise BadDataError(f"{empty[0]}: file is empty (0 bytes), not a NIfTI image ({len(empty)} of {len(records)} "
-                           "selected images are empty: placeholder files, as in bids-examples, hold no data)")
+def _check_inputs(records: Sequence[bids_layout.ImageRecord], settings: RunSettings,
+                  failures: Mapping[str, BaseException] | None = None) -> None:
+    """Refuse the run if any image or mask fails an input check, before work is spent on any (65),
+    naming every bad image at once (the group level: training on a silently shrunken set is worse).
+    ``failures``: those :func:`_input_failures` already found."""
+    from bids_app.participant import refuse
+
+    failures = _input_failures(records, settings) if failures is None else failures
+    if failures:
+        raise refuse(failures, len(records))
+
+
+def _input_failures(records: Sequence[bids_layout.ImageRecord], settings: RunSettings) -> dict[str, BaseException]:
+    """Every selected image whose image or masks fail an input check, with its error (BadDataError,
+    or whatever a check crashed with): all of them, not the first only."""
+    failures: dict[str, BaseException] = {}
     for record in records:
-        check_record(record, settings.preprocessing.max_nonfinite_fraction)
+        try:
+            check_record(record, settings.preprocessing.max_nonfinite_fraction)
+        except Exception as exc:  # noqa: BLE001 - the caller decides: refuse the run, or go on without it
+            failures[record.relpath] = exc
+    return failures
 
 
 def _describe_inputs(inputs: Inputs, bids_dir: Path) -> dict[str, Any]:

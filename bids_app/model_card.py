@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from bids_app import __version__
 from bids_app.errors import BadDataError, MissingInputError
@@ -68,3 +68,12 @@ def compatible(model_version: str, app_version: str) -> bool:
         return tuple(numbers[:2] if numbers and numbers[0] == "0" else numbers[:1])
 
     return bool(model_version) and parts(model_version) == parts(app_version)
+
+
+def untrained_contrasts(card: Mapping[str, Any], suffixes: Iterable[str]) -> list[str]:
+    """The contrasts (BIDS suffixes) among ``suffixes`` that the model was not trained on; a card
+    that records none (a model without contrasts, e.g. trained on a plain folder) accepts all."""
+    trained = card.get("contrasts")
+    if not trained:
+        return []
+    return sorted(set(suffixes) - set(trained))

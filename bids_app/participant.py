@@ -5,12 +5,19 @@ ground-truth lesion mask exists), and the lesion mask last, so an existing mask 
 done: a rerun after a crash skips finished images and redoes the interrupted one (``--overwrite``
 redoes all). Every write is atomic, and an image whose segmentation fails has what it wrote so far
 removed (``bids_app.image_outputs``), so every image is complete or absent.
+
+One bad image stops nothing (fMRIPrep's behaviour): an image that fails the input checks or fails
+while it is segmented gets a crash report under ``logs/`` and the run goes on with the others, then
+ends with ``ImagesFailed`` listing every failed image; ``--stop-on-first-crash`` stops at the first.
+A failure of the whole run (the model, the calibration) and an interruption stop it at once. An
+image another live job holds the lock of is skipped (``bids_app.image_outputs``), not failed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,10 +25,11 @@ import numpy as np
 
 from bids_app.bids.derivatives import output_relpath, write_derivative
 
-from bids_app.io import atomic_write_json, exclusive_lock, save_nifti_atomic
+from bids_app import runlog
+from bids_app.io import atomic_write_json, exclusive_lock, save_nifti_atomic, try_exclusive_lock
 from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, name_parts
-from bids_app.errors import BadDataError, MissingInputError
+from bids_app.errors import BadDataError, CountersegError, ExitCode, MissingInputError
 from bids_app.image_outputs import image_outputs
 from bids_app.model_store import TrainedModels, load_trained_models
 from bids_app.pipelines.counterfactual import CounterfactualPipeline
@@ -35,7 +43,7 @@ from bids_app.segmentation.calibration import (
 )
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
-from bids_app.settings import RunSettings
+from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.settings.fields import calibrated_values, sidecar_values
 
 log = logging.getLogger(__name__)
@@ -58,38 +66,182 @@ def load_calibration(settings: RunSettings, models: TrainedModels) -> Calibratio
     return with_threshold(stored.calibration, threshold) if threshold is not None else stored.calibration
 
 
+class ImagesFailed(CountersegError):
+    """Some images failed while the run went on with the others: raised at the end of the run.
+
+    ``failures`` are rows of the run record (:func:`failure_row`); the exit code is
+    :func:`failures_exit_code` of them; ``run_record`` is what the run did, for ``logs/run_*.json``.
+    """
+
+    def __init__(self, failures: Sequence[Mapping[str, Any]], n_images: int,
+                 run_record: Mapping[str, Any] | None = None) -> None:
+        super().__init__(failures_message(failures, n_images))
+        self.exit_code = failures_exit_code(failures)  # type: ignore[assignment]
+        self.run_record = dict(run_record or {})
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an error; an unexpected one (a crash) also names its type."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(exc, CountersegError):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """A typed error's exit code; 1 for anything else (a crash)."""
+    return int(exc.exit_code) if isinstance(exc, CountersegError) else int(ExitCode.UNEXPECTED)
+
+
+def failure_row(image: str, exc: BaseException, crash_report: Path | None = None) -> dict[str, Any]:
+    """One failed image as the run record lists it."""
+    return {"image": image, "error": error_line(exc), "exit_code": exit_code_of(exc),
+            "crash_report": None if crash_report is None else str(crash_report)}
+
+
+def failures_exit_code(failures: Sequence[Mapping[str, Any]]) -> int:
+    """The exit code of a run with failed images: 1 if any image crashed (an unexpected error, which
+    wants a bug report more than any data error wants fixing), else the code of the first failed
+    image in the order of the selection (65 for bad data, 74 for an I/O failure, ...)."""
+    codes = [int(f["exit_code"]) for f in failures]
+    return int(ExitCode.UNEXPECTED) if ExitCode.UNEXPECTED in codes else codes[0]
+
+
+def failures_message(failures: Sequence[Mapping[str, Any]], n_images: int) -> str:
+    """One line naming every failed image (one failure: its own error line), then a line per image."""
+    def report(f: Mapping[str, Any]) -> str:
+        return f"crash report: {f['crash_report']}" if f.get("crash_report") else ""
+
+    if len(failures) == 1:
+        only = failures[0]
+        where = [f"{only['image']}: 1 of {n_images} images failed"] if n_images > 1 else []
+        notes = "; ".join(where + ([report(only)] if report(only) else []))
+        return f"{only['error']}" + (f" ({notes})" if notes else "")
+    head = f"{len(failures)} of {n_images} images failed: {', '.join(f['image'] for f in failures)}"
+    lines = [f"{f['image']}: {f['error']} (exit {f['exit_code']}{'; ' + report(f) if report(f) else ''})"
+             for f in failures]
+    return "\n".join([head, *lines])
+
+
+def refuse(failures: Mapping[str, BaseException], n_images: int) -> BaseException:
+    """The one error that refuses a run over images that failed their checks (the group level, and
+    ``--stop-on-first-crash``): a crash as it is (exit 1, crash log), one bad image's own error, or
+    ``ImagesFailed`` naming every bad image."""
+    crashes = [exc for exc in failures.values() if not isinstance(exc, CountersegError)]
+    if crashes:
+        return crashes[0]
+    if len(failures) == 1:
+        return next(iter(failures.values()))
+    return ImagesFailed([failure_row(image, exc) for image, exc in failures.items()], n_images)
+
+
+@dataclass
+class _Failures:
+    """The failed images of a run, each with its crash report under ``logs/``."""
+
+    settings: RunSettings
+    name: str
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, image: str, exc: BaseException, step: str) -> None:
+        settings = self.settings
+        report = runlog.write_image_crash_report(settings.output_dir / "logs", self.name, image, exc,
+                                                 error_line(exc), settings_to_dict(settings))
+        self.rows.append(failure_row(image, exc, report))
+        log.warning("%s: failed (exit %d): %s. Crash report: %s; going on with the other images "
+                    "(--stop-on-first-crash stops at the first)", step, exit_code_of(exc), error_line(exc), report)
+
+    def add_all(self, images: Sequence[ImageRecord], errors: Mapping[str, BaseException]) -> None:
+        """Add every image of ``errors`` (numbered as in the selection)."""
+        for number, record in enumerate(images, 1):
+            if record.relpath in errors:
+                self.add(record.relpath, errors[record.relpath], f"[{number}/{len(images)}] {record.relpath}")
+
+    def in_order(self, images: Sequence[ImageRecord]) -> list[dict[str, Any]]:
+        """The failed images in the order of the selection (whatever stage each failed at)."""
+        position = {record.relpath: number for number, record in enumerate(images)}
+        return sorted(self.rows, key=lambda row: position[row["image"]])
+
+
 def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
-                   device: str) -> dict[str, Any]:
+                   device: str, bad_inputs: Mapping[str, BaseException] | None = None) -> dict[str, Any]:
+    """Segment every image but ``bad_inputs`` (those that failed the input checks, with their error).
+
+    Returns the run record's ``segmentation``; its ``failed`` rows list the images that failed (each
+    with a crash report), for the caller to end the run with ``ImagesFailed`` once it is done.
+    """
+    failures = _Failures(settings, runlog.run_id(settings.analysis_level))
+    bad = dict(bad_inputs or {})
+    failures.add_all(images, bad)
+    if len(bad) == len(images):  # nothing left to segment: no model needed
+        return {"segmented": [], "skipped": [], "busy": [], "failed": failures.in_order(images)}
     models = load_trained_models(settings.model_dir, device)
     # How many NaN voxels to tolerate is this run's choice, not the model's.
     models = dataclasses.replace(models, plan=dataclasses.replace(
         models.plan, max_nonfinite_fraction=settings.preprocessing.max_nonfinite_fraction))
     pipeline = CounterfactualPipeline.from_models(models, device, settings.compute)
-    for record in images:
-        check_fits_plan(record.image, models.plan)
+    unfit = _plan_failures([r for r in images if r.relpath not in bad], models)
+    if unfit and settings.stop_on_first_crash:
+        raise refuse(unfit, len(images))
+    failures.add_all(images, unfit)
+    bad.update(unfit)
     calibration = load_calibration(settings, models)
     log.info("threshold %.4g (%s)", calibration.threshold, calibration.source)
-    done, skipped, evaluations = [], [], []
+    outcomes: dict[str, list[str]] = {"segmented": [], "skipped": [], "busy": []}
+    evaluations = []
     for number, record in enumerate(images, 1):
-        outputs = image_outputs(settings.output_dir, record.relpath, disambiguate.get(record.relpath, False))
-        if outputs.done and not settings.overwrite:
-            log.info("[%d/%d] %s: outputs exist, skipped (--overwrite redoes them)", number, len(images), record.relpath)
-            skipped.append(record.relpath)
-            evaluations.extend(_existing_evaluation(outputs.mask, record))
+        if record.relpath in bad:
             continue
-        log.info("[%d/%d] %s: segmenting", number, len(images), record.relpath)
-        outputs.begin()
+        step = f"[{number}/{len(images)}] {record.relpath}"
         try:
-            evaluation = segment_one(settings, models, pipeline, calibration, record,
-                                     disambiguate.get(record.relpath, False))
-        except BaseException:
-            outputs.discard()
-            raise
-        if evaluation is not None:
-            evaluations.append(evaluation)
-        done.append(record.relpath)
-    return {"segmented": done, "skipped": skipped, "threshold": calibration.threshold,
+            outcome, evaluation = _segment_locked(settings, models, pipeline, calibration, record,
+                                                  disambiguate.get(record.relpath, False), step)
+        except Exception as exc:  # an interruption is no Exception: it stops the run
+            if settings.stop_on_first_crash:
+                raise
+            failures.add(record.relpath, exc, step)
+            continue
+        outcomes[outcome].append(record.relpath)
+        evaluations.extend([evaluation] if evaluation is not None else [])
+    return {**outcomes, "failed": failures.in_order(images), "threshold": calibration.threshold,
             "threshold_source": calibration.source, "evaluation_summary": write_summary(settings, evaluations)}
+
+
+def _segment_locked(settings: RunSettings, models: TrainedModels, pipeline: CounterfactualPipeline,
+                    calibration: Calibration, record: ImageRecord, disambiguate: bool,
+                    step: str) -> tuple[str, dict[str, Any] | None]:
+    """Segment one image under its lock: ``busy`` when another live job holds it, ``skipped`` when it
+    is done, else ``segmented``; with its evaluation (an existing one when skipped). If segmenting
+    fails, what it wrote is removed (``ImageOutputs.discard``) and the error goes up."""
+    outputs = image_outputs(settings.output_dir, record.relpath, disambiguate)
+    with try_exclusive_lock(outputs.lock) as lock:
+        if lock.busy:
+            log.info("%s: being segmented by another job (pid %s), skipped", step, lock.holder or "unknown")
+            return "busy", None
+        if outputs.done and not settings.overwrite:
+            log.info("%s: outputs exist, skipped (--overwrite redoes them)", step)
+            existing = _existing_evaluation(outputs.mask, record)
+            return "skipped", existing[0] if existing else None
+        log.info("%s: segmenting", step)
+        outputs.begin(locked=lock.held)
+        try:
+            return "segmented", segment_one(settings, models, pipeline, calibration, record, disambiguate)
+        except BaseException:
+            outputs.discard(locked=lock.held)
+            raise
+
+
+def _plan_failures(images: Sequence[ImageRecord], models: TrainedModels) -> dict[str, BaseException]:
+    """The images far too small for the model's field of view (the one input check that needs the
+    model), each with its error: all found before the first image is segmented."""
+    failed: dict[str, BaseException] = {}
+    for record in images:
+        try:
+            check_fits_plan(record.image, models.plan)
+        except Exception as exc:  # noqa: BLE001 - a typed error (65) or a crash of the check: this image fails
+            failed[record.relpath] = exc
+    return failed
 
 
 def summarise_existing(settings: RunSettings, images: Sequence[ImageRecord],

@@ -7,6 +7,7 @@ different nodes, or in containers, where process ids repeat (every Docker contai
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -83,12 +84,31 @@ def write_run_record(logs_dir: Path, name: str, record: Mapping[str, Any]) -> Pa
 
 def write_crash_log(logs_dir: Path, name: str, exc: BaseException) -> Path:
     """Full traceback of an unexpected failure; falls back to the temp dir if logs_dir is unusable."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     header = f"counterseg crash, {dt.datetime.now().isoformat()}\ncommand: {' '.join(sys.argv)}\n\n"
+    return _write_report(logs_dir, f"crash_{name}.txt", header + _traceback(exc))
+
+
+def write_image_crash_report(logs_dir: Path, name: str, image: str, exc: BaseException, error_line: str,
+                             settings: Mapping[str, Any]) -> Path:
+    """The crash report of one image that failed while the run went on with the others: the error
+    line, the image, the traceback and the run's settings, in ``crash_<name>_<image stem>.txt``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(image).name.split(".")[0]) or "image"
+    text = (f"counterseg crash report, {dt.datetime.now().isoformat()}\n"
+            f"image: {image}\nerror: {error_line}\ncommand: {' '.join(sys.argv)}\n\n"
+            f"{_traceback(exc)}\nsettings:\n{json.dumps(dict(settings), indent=2, default=str)}\n")
+    return _write_report(logs_dir, f"crash_{name}_{stem}.txt", text)
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _write_report(logs_dir: Path, filename: str, text: str) -> Path:
+    """Write a crash report into ``logs_dir``, else the temp dir; never raises on top of the failure."""
     for folder in (logs_dir, Path(os.environ.get("TMPDIR", "/tmp"))):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            return atomic_write_text(folder / f"crash_{name}.txt", header + text)
+            return atomic_write_text(folder / filename, text)
         except Exception:  # the crash log must never raise on top of the crash
             continue
     return Path("<nowhere>")

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bids_app"
 #: Lowest first; a module may import its own layer and those below it, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("bids_app", "errors", "killpoints", "settings"),
-    ("io", "weights", "compute", "distributed", "interruption", "runlog"),
+    ("io", "weights", "compute", "distributed", "interruption", "runlog", "workspace"),
     ("models", "schedulers"),
     ("preprocessing", "synthetic"),
     ("bids", "data", "model_card", "model_store", "image_outputs"),

@@ -7,6 +7,8 @@ calibration identity does not cover, or when a calibrated setting does not reach
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from bids_app.pipelines.counterfactual import CounterfactualPipeline
 from bids_app.pipelines.segment import ImageInput, native_residual
 from bids_app.preprocessing.plan import PreprocessingPlan
 from bids_app.schedulers import SchedulerConfig
-from bids_app.settings import ComputeSettings, build_settings
+from bids_app.settings import ComputeSettings, RunSettings, build_settings
+from bids_app.settings.fields import Checked
 from bids_app.settings.segmentation import SegmentationSettings
 from tests.conftest import participant_args
 
@@ -72,6 +75,60 @@ def test_every_declared_setting_has_help_and_a_valid_default() -> None:
         assert f.metadata.get("help"), path
     with pytest.raises(UsageError, match="segmentation.counterfactual.patch_size"):
         dataclasses.replace(SegmentationSettings().counterfactual, patch_size=(2, 2))
+
+
+def _declarations(cls: type, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any, type]]:
+    """Every leaf setting of a settings class tree by dotted path: its field, type and section class."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_declarations(hints[f.name], f"{path}."))
+        else:
+            found[path] = (f, hints[f.name], cls)
+    return found
+
+
+def _sections(cls: type) -> list[type]:
+    hints = typing.get_type_hints(cls)
+    inner = [hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    return [cls, *(section for c in inner for section in _sections(c))]
+
+
+def _types(hint: Any) -> set[Any]:
+    """The scalar types a hint holds (``tuple[int, ...] | None`` -> {int, NoneType})."""
+    args = typing.get_args(hint)
+    if not args or typing.get_origin(hint) not in (tuple, typing.Union, types.UnionType):
+        return {hint}
+    return {t for a in args if a is not Ellipsis for t in _types(a)}
+
+
+RUN_SETTINGS = _declarations(RunSettings)
+VALIDATED = sorted(path for path, (f, _, _) in RUN_SETTINGS.items()
+                   if f.metadata.get("rule") or f.metadata.get("choices"))
+
+
+def test_every_setting_is_declared_once_with_help_and_checked_when_built() -> None:
+    """A new setting that is not declared with ``setting(default, help, rule=...)`` in a ``Checked``
+    section fails here: nothing can reach the run unvalidated."""
+    for section in _sections(RunSettings):
+        assert issubclass(section, Checked), f"{section.__name__} must derive from Checked (validated on construction)"
+    for path, (f, hint, _) in RUN_SETTINGS.items():
+        assert f.metadata.get("help"), f"{path}: declare it with setting(default, help, rule=...)"
+        if _types(hint) & {int, float, str}:
+            assert f.metadata.get("rule") or f.metadata.get("choices"), f"{path}: a number or text needs a rule"
+
+
+@pytest.mark.parametrize("path", VALIDATED)
+def test_each_declared_rule_refuses_a_bad_value_naming_the_setting(path: str) -> None:
+    section = build_settings({"bids_dir": "/in", "output_dir": "/out", "analysis_level": "group"})
+    *parents, name = path.split(".")
+    for parent in parents:
+        section = getattr(section, parent)
+    with pytest.raises(UsageError) as info:
+        dataclasses.replace(section, **{name: object()})
+    assert str(info.value).startswith(f"{path} must be"), str(info.value)
 
 
 def _candidates(value: Any, f: dataclasses.Field) -> list[Any]:

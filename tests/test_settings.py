@@ -11,9 +11,6 @@ from bids_app.errors import UsageError
 from bids_app.settings import build_settings, load_config_file, merge_overrides, settings_to_dict
 from bids_app.settings.segmentation import SegmentationSettings
 
-#: App bug (bids_app.settings.fields.check_fields): a None is accepted only where the default is None,
-#: so the documented ``image_fpr: null`` and ``grow_quantile: null`` are refused.
-
 BASE = {"bids_dir": "/data/bids", "output_dir": "/data/out", "analysis_level": "group"}
 
 
@@ -40,8 +37,8 @@ def test_values_are_coerced_to_their_types() -> None:
         ({"compute": {"seed": "abc"}}, "compute.seed"),
         ({"dry_run": "yes"}, "dry_run"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
-        ({"compute": {"nprocs": 0}}, "--nprocs must be at least 1"),
-        ({"selection": {"contrasts": []}}, "--contrast"),
+        ({"compute": {"nprocs": 0}}, "compute.nprocs must be an integer >= 1, got 0"),
+        ({"selection": {"contrasts": []}}, "selection.contrasts must be one or more BIDS suffixes"),
     ],
 )
 def test_bad_values_name_the_setting(override: dict, fragment: str) -> None:
@@ -165,6 +162,39 @@ def test_validation_names_the_nested_setting(section: str, values: dict, path: s
     with pytest.raises(UsageError) as info:
         build_settings({**BASE, section: values})
     assert path in str(info.value)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("selection", {"participant_labels": ["../01"]}, "selection.participant_labels must be BIDS labels"),
+    ("selection", {"cord_names": ["{stem}_{colour}"]}, "selection.cord_names must be name templates"),
+    ("selection", {"lesion_names": ["../{stem}_seg"]}, "selection.lesion_names must be name templates"),
+    ("selection", {"bids_filters": {"image": {"acq": "../x"}}}, "selection.bids_filters must be"),
+    ("selection", {"bids_filters": {"image": "T2w"}}, "selection.bids_filters must be"),
+    ("selection", {"healthy_value": " "}, "selection.healthy_value must be a non-empty text"),
+    ("preprocessing", {"target_shape": [32, 32, 40]}, "must be multiples of preprocessing.shape_multiple (16)"),
+    ("preprocessing", {"image_order": 2}, "preprocessing.image_order must be one of 1, 3"),
+    ("preprocessing", {"validation_fraction": 1}, "preprocessing.validation_fraction must be in [0, 1)"),
+    ("training", {"vqgan": {"batch_size": 3, "accumulation_steps": 2}}, "training.vqgan: batch_size (3) must be a "
+                                                                        "multiple of accumulation_steps (2)"),
+    ("training", {"adapter": {"max_time_s": 0}}, "training.adapter.max_time_s must be a finite number > 0"),
+    ("training", {"diffusion": {"loss": "huber"}}, "training.diffusion.loss must be one of l1, l2"),
+    ("training", {"stages": ["vqgan", "decoder"]}, "training.stages must be a list of plan, vqgan"),
+    ("compute", {"device": "gpu"}, "compute.device must be auto, cpu, cuda or cuda:N"),
+    ("compute", {"seed": 2**32}, "compute.seed must be an integer in [0, 4294967295], got 4294967296"),
+    ("verbosity", -1, "verbosity must be an integer >= 0"),
+])
+def test_every_section_is_validated_where_it_is_built(section: str, values, message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build_settings({**BASE, section: values})
+    assert message in str(info.value)
+
+
+def test_edge_values_of_the_declared_ranges_are_accepted() -> None:
+    settings = build_settings({**BASE, "compute": {"seed": 2**32 - 1, "device": "cuda:1"},
+                               "preprocessing": {"target_shape": [32, 32, 48], "percentiles": [0, 100]},
+                               "training": {"vqgan": {"max_steps": 1, "figure_every": 0, "clip_norm": 0}}})
+    assert settings.compute.seed == 2**32 - 1 and settings.preprocessing.percentiles == (0.0, 100.0)
+    assert settings.training.vqgan.max_steps == 1
 
 
 def test_an_old_key_with_a_bad_value_is_refused_under_its_new_name() -> None:

@@ -27,7 +27,6 @@ key is declared in ``DatasetLinks`` of ``dataset_description.json``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -212,18 +211,6 @@ def dataset_description(
         "SourceDatasets": [{"URL": uri}],
         "DatasetLinks": {RAW_LINK: uri},
     }
-
-
-def generated_by_counterseg(dataset_dir: str | Path) -> bool:
-    """Whether ``dataset_dir`` holds a dataset that counterseg generated (its
-    ``dataset_description.json`` names counterseg in ``GeneratedBy``)."""
-    try:
-        description = json.loads((Path(dataset_dir) / "dataset_description.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    generated = description.get("GeneratedBy") if isinstance(description, dict) else None
-    return isinstance(generated, list) and any(
-        isinstance(entry, dict) and entry.get("Name") == "counterseg" for entry in generated)
 
 
 def detect_container(

@@ -2,9 +2,9 @@
 
 A truncated ``.nii.gz`` often has a readable header, so the full check decompresses the data; the
 cheap check (``full=False``, used by ``--dry-run``) reads the header only. ``check_record`` applies
-every check of the preprocessing pipeline up front (dimensions, voxel sizes, affine, NaN/Inf, mask
-grids), so a bad file in a run over many images fails the run before the first image is processed,
-not hours later, and nothing is written.
+every check of the preprocessing pipeline up front (datatype, dimensions, voxel sizes, affine, the
+float32 range, NaN/Inf, mask grids), so a bad file in a run over many images fails the run before
+the first image is processed, not hours later, and nothing is written.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NIFTI1_HEADER_SIZE = 348
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def inspect_image(path: Path, full: bool = True) -> ImageSummary:
 
     img = open_image(path)
     header = img.header
+    warn_if_unoriented(img, Path(path))
     if full:
         _decompress(img, Path(path))
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
@@ -104,8 +106,12 @@ def check_record(record: "ImageRecord", max_nonfinite_fraction: float) -> None:
     from bids_app.preprocessing.pipeline import check_header, check_mask_grid, check_nonfinite, load_voxels
 
     img = open_image(record.image)
+    check_datatype(img, record.image)
     shape = check_header(img, record.image)
-    check_nonfinite(_decompress(img, record.image, load_voxels), record.image, max_nonfinite_fraction)
+    warn_if_unoriented(img, record.image)
+    voxels = _decompress(img, record.image, _float64_voxels if exceeds_float32(img) else load_voxels)
+    check_float32_range(voxels, record.image)
+    check_nonfinite(voxels, record.image, max_nonfinite_fraction)
     affine = np.asarray(img.affine, dtype=np.float64)
     masks = {"cord": record.cord_mask, "lesion": record.lesion_mask}
     if record.control_mask is not None and record.control_mask != record.cord_mask:
@@ -114,6 +120,7 @@ def check_record(record: "ImageRecord", max_nonfinite_fraction: float) -> None:
         if path is None:
             continue
         mask_img = open_image(path)
+        check_datatype(mask_img, path)
         check_mask_grid(mask_img, path, role, record.image, shape, affine)
         data = _decompress(mask_img, path, load_voxels)
         if not np.all(np.isfinite(data)):
@@ -127,6 +134,64 @@ def check_record(record: "ImageRecord", max_nonfinite_fraction: float) -> None:
                 shown = ", ".join(f"{v:g}" for v in other[:3]) + (", ..." if other.size > 3 else "")
                 raise BadDataError(f"{path}: lesion mask has values other than 0 and 1 ({shown}); a label map or "
                                    "a soft segmentation? binarise it")
+
+
+def check_datatype(img, path: Path) -> None:
+    """One grey level per voxel: an RGB24/RGBA32 (colour) or complex image has none (65)."""
+    dtype = img.header.get_data_dtype()
+    if dtype.fields is not None:
+        name = {3: "RGB24", 4: "RGBA32"}.get(len(dtype.fields), "structured")
+        raise BadDataError(f"{path}: {name} colour image ({len(dtype.fields)} values per voxel); counterseg needs a "
+                           "grey-level image (one value per voxel)")
+    if dtype.kind == "c":
+        raise BadDataError(f"{path}: complex-valued image ({dtype}); counterseg needs a real-valued magnitude image")
+
+
+def exceeds_float32(img) -> bool:
+    """Whether the file can hold finite values beyond float32 (float64 data, or integers scaled past it)."""
+    dtype = img.header.get_data_dtype()
+    if dtype.kind == "f":
+        return dtype.itemsize > 4
+    if dtype.kind not in "iu":
+        return False
+    slope, inter = img.header.get_slope_inter()
+    info = np.iinfo(dtype)
+    scale = abs(slope) if slope is not None and np.isfinite(slope) else 1.0
+    offset = abs(inter) if inter is not None and np.isfinite(inter) else 0.0
+    return max(abs(int(info.min)), int(info.max)) * scale + offset > FLOAT32_MAX
+
+
+def check_float32_range(voxels: np.ndarray, path: Path) -> None:
+    """Finite voxels beyond float32 would turn infinite when loaded (counterseg computes in
+    float32): name them as what they are, not as infinite (65)."""
+    if voxels.dtype.itemsize <= 4:
+        return
+    beyond = np.isfinite(voxels) & (np.abs(voxels) > FLOAT32_MAX)
+    count = int(beyond.sum())
+    if count:
+        largest = float(np.max(np.abs(voxels[beyond])))
+        raise BadDataError(f"{path}: {count} voxel(s) outside the float32 range (largest magnitude {largest:.3g}, "
+                           f"float32 holds up to {FLOAT32_MAX:.3g}); counterseg computes in float32: rescale the "
+                           "image")
+
+
+def warn_if_unoriented(img, path: Path) -> None:
+    """qform_code and sform_code both 0: the header does not say how the voxels lie in the scanner,
+    so the orientation nibabel gives (voxel sizes only, axes taken as L-A-S) is a guess."""
+    header = img.header
+    try:
+        codes = int(header["qform_code"]), int(header["sform_code"])
+    except (KeyError, ValueError, TypeError):  # not a NIfTI header: nothing to say
+        return
+    if codes == (0, 0):
+        log.warning("%s: qform_code and sform_code are both 0: the header does not say how the image lies in the "
+                    "scanner, so its orientation is a guess (voxel axes taken as L-A-S); left-right and the "
+                    "cord's direction may be wrong: set the qform/sform", path)
+
+
+def _float64_voxels(img, path: Path) -> np.ndarray:
+    """All voxels in float64 (scaling applied), for a file whose values may exceed float32."""
+    return np.asarray(img.get_fdata(dtype=np.float64))
 
 
 def check_fits_plan(path: Path, plan: "PreprocessingPlan") -> None:

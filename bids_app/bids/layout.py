@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from bids_app.errors import (
+    BadDataError,
     BidsValidationError,
     MissingInputError,
     NothingSelectedError,
     UsageError,
 )
-from bids_app.settings import SelectionSettings
+from bids_app.settings import BIDS_FILTER_KEYS, SelectionSettings
 
 log = logging.getLogger(__name__)
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-FILTER_KEYS = ("image",)
+APP_NAME = "counterseg"  # the GeneratedBy name of the datasets counterseg writes
+PYBIDS_DATABASE_FILE = "layout_index.sqlite"  # what pybids keeps in --bids-database-dir
+FILTER_KEYS = BIDS_FILTER_KEYS  # declared with the setting (selection.bids_filters)
 #: BIDS entity keys users write in filter files, mapped to the names pybids queries with.
 ENTITY_ALIASES = {
     "sub": "subject",
@@ -175,28 +178,86 @@ def query_from_filters(filters: Mapping[str, Any], known_entities: Iterable[str]
 
 
 def load_layout(bids_dir: Path, database_dir: Path | None = None, reset_database: bool = False):
-    """Index ``bids_dir`` with pybids (read-only), reusing an sqlite cache when one is given."""
+    """Index ``bids_dir`` with pybids (read-only), reusing an sqlite cache when one is given.
+
+    A reused cache that misses a participant on disk (or lists one no longer there) is stale: the
+    run warns and indexes in memory instead, so it never silently drops a participant. It does
+    not rebuild the cache itself: jobs of an array may share it while it is read, and
+    ``--reset-database`` rebuilds it when no other job uses it.
+    """
     from bids import BIDSLayout
 
     kwargs: dict[str, Any] = {"validate": False, "derivatives": False}
+    reused = False
     if database_dir is not None:
         Path(database_dir).mkdir(parents=True, exist_ok=True)
         kwargs["database_path"] = str(database_dir)
         kwargs["reset_database"] = reset_database
+        reused = not reset_database and (Path(database_dir) / PYBIDS_DATABASE_FILE).is_file()
     log.debug("indexing %s with pybids (database: %s)", bids_dir, database_dir or "in memory")
-    return BIDSLayout(str(bids_dir), **kwargs)
+    layout = BIDSLayout(str(bids_dir), **kwargs)
+    if reused:
+        stale = stale_participants(bids_dir, layout.get_subjects())
+        if stale:
+            log.warning("the pybids database in %s is stale (%s): indexing %s in memory for this run; rebuild "
+                        "the database with --reset-database", database_dir, stale, bids_dir)
+            return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    return layout
+
+
+def stale_participants(bids_dir: Path, indexed: Iterable[str]) -> str:
+    """What an index lacks or has too many of, against the ``sub-*`` folders holding a NIfTI file
+    on disk ("" when it matches): ``sub-07 on disk but not indexed``."""
+    on_disk = {p.name[len("sub-"):] for p in Path(bids_dir).glob("sub-*")
+               if p.is_dir() and re.fullmatch(r"sub-[A-Za-z0-9]+", p.name)
+               and any(q.name.endswith(NIFTI_EXTENSIONS) for q in p.rglob("*.nii*"))}
+    indexed = set(indexed)
+    problems = [f"{_subjects(on_disk - indexed)} on disk but not indexed"] if on_disk - indexed else []
+    if indexed - on_disk:
+        problems.append(f"{_subjects(indexed - on_disk)} indexed but no longer on disk")
+    return "; ".join(problems)
+
+
+def _subjects(labels: Iterable[str]) -> str:
+    return ", ".join(f"sub-{label}" for label in sorted(labels))
+
+
+def generated_by_counterseg(root: Path) -> bool:
+    """Whether a dataset's ``dataset_description.json`` names counterseg in ``GeneratedBy`` (as
+    ``bids_app.bids.derivatives.dataset_description`` writes it): its lesion masks are counterseg's
+    own predictions, never ground truth. A missing or unreadable description is not counterseg's."""
+    try:
+        description = json.loads((Path(root) / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(description, dict):
+        return False
+    generated = description.get("GeneratedBy")
+    pipelines = [*(generated if isinstance(generated, list) else []), description.get("PipelineDescription")]
+    return any(isinstance(p, dict) and p.get("Name") == APP_NAME for p in pipelines)
 
 
 def find_derivative_datasets(
     bids_dir: Path, explicit: Sequence[Path] = (), exclude: Sequence[Path] = ()
 ) -> tuple[Path, ...]:
-    """Derivative datasets to search: the ones given, else every folder under ``bids_dir/derivatives``."""
+    """Derivative datasets to search for masks: the ones given, else every folder under
+    ``bids_dir/derivatives``; never one that counterseg generated nor ``exclude`` (the run's
+    output dir), compared as resolved paths so a symlink to one is recognised.
+
+    Found under ``derivatives/``, such a folder is skipped (logged); given with ``--derivatives``,
+    it is refused (UsageError, 64): the user asked for masks from it, and skipping it silently
+    would leave them believing their reference masks were used.
+    """
     excluded = {Path(p).resolve() for p in exclude}
     if explicit:
         roots = [Path(p).resolve() for p in explicit]
         missing = [p for p in roots if not p.is_dir()]
         if missing:
             raise UsageError(f"--derivatives {missing[0]}: not a directory")
+        for root in roots:
+            reason = _not_ground_truth(root, excluded)
+            if reason:
+                raise UsageError(f"--derivatives {root}: {reason}; pass the dataset that holds the reference masks")
         return tuple(roots)
     base = Path(bids_dir) / "derivatives"
     if not base.is_dir():
@@ -204,9 +265,24 @@ def find_derivative_datasets(
     found = []
     for path in sorted(base.iterdir()):
         resolved = path.resolve()
-        if path.is_dir() and resolved not in excluded and not any(e in resolved.parents for e in excluded):
+        if not resolved.is_dir():
+            continue
+        reason = _not_ground_truth(resolved, excluded)
+        if reason:
+            log.info("not searched for masks: %s (%s)", path, reason)
+        else:
             found.append(resolved)
     return tuple(found)
+
+
+def _not_ground_truth(root: Path, excluded: set[Path]) -> str:
+    """Why the masks of a (resolved) derivative dataset are not ground truth, or ""."""
+    if any(root == e or e in root.parents for e in excluded):
+        return "it is this run's output_dir, whose masks are the run's own predictions"
+    if generated_by_counterseg(root):
+        return ("generated by counterseg (GeneratedBy in its dataset_description.json): its lesion masks are "
+                "predictions, not ground truth")
+    return ""
 
 
 def name_parts(filename: str) -> tuple[str, str]:
@@ -269,7 +345,7 @@ def collect_images(
     subjects = sorted({f.entities["subject"] for f in everything})
     query: dict[str, Any] = {"suffix": contrasts, "extension": extensions}
     if selection.participant_labels:
-        _check_labels_exist("participant", selection.participant_labels, subjects)
+        _check_participants_have_images(selection.participant_labels, subjects, contrasts, layout)
         query["subject"] = list(selection.participant_labels)
     if selection.session_labels:
         sessions = sorted({f.entities["session"] for f in everything if "session" in f.entities})
@@ -282,9 +358,22 @@ def collect_images(
             f"the participant/session labels and filters select no image in {bids_dir} "
             f"(query: {_describe_query(query)})"
         )
+    refuse_duplicate_images(Path(f.path) for f in files)
     records = [_record(Path(f.path), Path(bids_dir), f.entities, selection, derivative_roots) for f in files]
     records.sort(key=lambda r: r.relpath)
     return drop_lacking_derivatives(records, selection, derivative_roots)
+
+
+def refuse_duplicate_images(paths: Iterable[Path]) -> None:
+    """One image stored twice, as ``.nii`` and ``.nii.gz``, is bad data (65, naming both files):
+    the two would write the same outputs, and which one holds the intended data is the user's call."""
+    seen: dict[tuple[Path, str], Path] = {}
+    for path in sorted(Path(p) for p in paths):
+        key = (path.parent, name_parts(path.name)[0])
+        if key in seen:
+            raise BadDataError(f"{seen[key]} and {path}: the same image twice, as .nii and as .nii.gz; "
+                               "keep only one of them")
+        seen[key] = path
 
 
 def drop_lacking_derivatives(
@@ -309,6 +398,7 @@ def drop_lacking_derivatives(
 def collect_plain_images(folder: Path) -> list[ImageRecord]:
     """The seed's un-formatted dataset: every NIfTI file under ``folder``, one pseudo-participant each."""
     paths = sorted(p for ext in NIFTI_EXTENSIONS for p in Path(folder).rglob(f"*{ext}") if p.is_file())
+    refuse_duplicate_images(paths)
     if not paths:
         raise BidsValidationError(
             f"{folder} is not a BIDS dataset (no dataset_description.json) and holds no NIfTI file"
@@ -415,6 +505,26 @@ def _record(
         lesion_mask=match_derivative(rel, roots, selection.lesion_names),
         control_mask=match_derivative(rel, roots, selection.control_names or selection.cord_names),
     )
+
+
+def _check_participants_have_images(labels: Sequence[str], subjects: Sequence[str], contrasts: Sequence[str],
+                                    layout: Any) -> None:
+    """Every ``--participant-label`` must have an image of the contrasts (NothingSelectedError, 18);
+    one that exists with other contrasts only is told apart from one that does not exist."""
+    missing = [label for label in labels if label not in set(subjects)]
+    if not missing:
+        return
+    other = {label: sorted(set(layout.get(subject=label, extension=list(NIFTI_EXTENSIONS), return_type="id",
+                                          target="suffix"))) for label in missing}
+    problems = [f"sub-{label} has no {'/'.join(contrasts)} image (it has: {', '.join(other[label])})"
+                for label in missing if other[label]]
+    absent = [label for label in missing if not other[label]]
+    if absent:
+        shown = ", ".join(subjects[:20]) + (" ..." if len(subjects) > 20 else "")
+        problems.append(f"participant label(s) not found in the dataset: {', '.join(absent)} "
+                        f"(available: {shown or 'none'})")
+    raise NothingSelectedError("; ".join(problems) + ("; pass --contrast to choose another suffix"
+                                                      if len(absent) < len(missing) else ""))
 
 
 def _check_labels_exist(kind: str, labels: Sequence[str], available: Sequence[str]) -> None:

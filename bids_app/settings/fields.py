@@ -7,7 +7,9 @@ descriptions, the validation) reads these declarations instead of repeating them
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import types
 import typing
 from dataclasses import Field, dataclass, field
@@ -36,24 +38,59 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 
 def at_least(low: float) -> Rule:
     """A finite number (or every number of a tuple) >= low."""
-    return between(low, math.inf, high_open=True) if low != 0 else Rule(
-        lambda v: all(_finite_at_least(x, 0) for x in v) if isinstance(v, tuple) else _finite_at_least(v, 0),
-        "a finite number >= 0")
+    return Rule(between(low, math.inf, high_open=True).test, f"a finite number >= {low:g}")
 
 
-def _finite_at_least(x: Any, low: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= low
+def above(low: float) -> Rule:
+    """A finite number (or every number of a tuple) > low: a learning rate, a voxel size."""
+    return Rule(between(low, math.inf, low_open=True, high_open=True).test, f"a finite number > {low:g}")
+
+
+def whole(low: int, high: int | None = None) -> Rule:
+    """An integer (or every integer of a tuple) in [low, high]; ``high`` None: no upper bound."""
+    def inside(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x <= high)
+    words = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Rule(lambda v: all(inside(x) for x in v) if isinstance(v, tuple) else inside(v), words)
 
 
 def count(n: int, low: int = 1) -> Rule:
     """A tuple of exactly ``n`` integers, each >= low."""
-    return Rule(lambda v: isinstance(v, tuple) and len(v) == n and all(isinstance(x, int) and x >= low for x in v),
+    return Rule(lambda v: isinstance(v, tuple) and len(v) == n and all(whole(low).test(x) for x in v),
                 f"{n} integers >= {low}")
+
+
+def sized(n: int, rule: Rule) -> Rule:
+    """A tuple of exactly ``n`` values, each passing ``rule`` (``3 numbers, each a finite number > 0``)."""
+    return Rule(lambda v: isinstance(v, tuple) and len(v) == n and rule.test(v), f"{n} values, each {rule.words}")
+
+
+def increasing(n: int, rule: Rule) -> Rule:
+    """A tuple of ``n`` strictly increasing numbers, each passing ``rule`` (percentiles: low < high)."""
+    return Rule(lambda v: sized(n, rule).test(v) and all(a < b for a, b in zip(v, v[1:])),
+                f"{n} increasing numbers {rule.words}")
 
 
 def non_empty(rule: Rule) -> Rule:
     """A non-empty tuple whose values pass ``rule``."""
     return Rule(lambda v: isinstance(v, tuple) and len(v) > 0 and rule.test(v), f"one or more values {rule.words}")
+
+
+def each_of(choices: tuple[Any, ...]) -> Rule:
+    """A tuple whose every value is one of ``choices`` (``choices`` itself tests a whole value)."""
+    return Rule(lambda v: isinstance(v, tuple) and all(x in choices for x in v),
+                f"a list of {', '.join(map(str, choices))}")
+
+
+def matches(pattern: str, words: str) -> Rule:
+    """A string (or every string of a tuple) that matches ``pattern`` entirely."""
+    def fits(x: Any) -> bool:
+        return isinstance(x, str) and re.fullmatch(pattern, x) is not None
+    return Rule(lambda v: all(fits(x) for x in v) if isinstance(v, tuple) else fits(v), words)
+
+
+#: ``setting(REQUIRED, ...)``: a setting without a default (the positional arguments).
+REQUIRED: Any = dataclasses.MISSING
 
 
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, rule: Rule | None = None,
@@ -62,20 +99,29 @@ def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, 
 
     ``calibrated``: the calibrated threshold holds only for this value (part of the calibration's
     identity and of every output's sidecar). ``sidecar``: the sidecar key (default: CamelCase).
-    ``None`` is valid where the field's type allows it.
+    ``None`` is valid where the field's type allows it. A dict default is copied per instance.
     """
     metadata = {"help": help, "choices": choices, "rule": rule, "calibrated": calibrated, "sidecar": sidecar}
+    if default is REQUIRED:
+        return field(metadata=metadata)
+    if isinstance(default, dict):  # a mutable default: each instance gets its own copy
+        return field(default_factory=functools.partial(dict, default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 class Checked:
     """Base of a settings section: validates every declared field on construction, naming it by
-    ``SECTION`` (``segmentation.counterfactual.strengths must be ...``)."""
+    ``SECTION`` (``segmentation.counterfactual.strengths must be ...``), then what no single
+    declaration can say (``check_combined``)."""
 
     SECTION: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         check_fields(self, self.SECTION)
+        self.check_combined()
+
+    def check_combined(self) -> None:
+        """Rules that tie several settings of the section together (UsageError); none by default."""
 
 
 def field_at(cls: type, path: str) -> Field:
@@ -98,7 +144,7 @@ def set_path(values: dict[str, Any], path: str, value: Any) -> None:
 
 def help_text(f: Field) -> str:
     """The field's help with its default, for ``--help``."""
-    default = f.default
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
         if isinstance(default, tuple) else ("off" if default is None else default)
     return f"{f.metadata['help']} (default: {shown})"
@@ -112,10 +158,11 @@ def check_fields(obj: Any, where: str) -> None:
         choices, rule = f.metadata.get("choices"), f.metadata.get("rule")
         if value is None and type(None) in typing.get_args(hints[f.name]):
             continue
+        name = f"{where}.{f.name}" if where else f.name
         if choices is not None and value not in choices:
-            raise UsageError(f"{where}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise UsageError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         if rule is not None and not rule.test(value):
-            raise UsageError(f"{where}.{f.name} must be {rule.words}, got {_shown(value)}")
+            raise UsageError(f"{name} must be {rule.words}, got {_shown(value)}")
 
 
 def declared(cls: type) -> dict[str, Field]:

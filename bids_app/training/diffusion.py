@@ -180,8 +180,6 @@ class DiffusionStage:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
         self.scaler = loop.make_scaler(device, settings.precision)
         self.pool = LatentPool(self.vqgan, train_data, scale, settings.latent_pool_epochs, device)
-        if settings.loss not in ("l1", "l2"):
-            raise BadDataError(f"training.diffusion.loss must be l1 or l2, got {settings.loss!r}")
 
     def train_step(self, step: int) -> dict[str, float]:
         self.model.train()

@@ -63,7 +63,8 @@ def training_identity(settings: RunSettings, selection: TrainingSelection) -> di
             "seed": settings.compute.seed,
         },
         "data": data,
-        "contrasts": sorted({record.suffix for record in selection.images}),
+        # A plain folder of images names no contrast ("unknown"): such a model accepts every contrast.
+        "contrasts": sorted({record.suffix for record in selection.images} - {"unknown"}),
     }
 
 

@@ -148,6 +148,20 @@ def plan_adapter(run: TrainingRun) -> StagePlan | None:
                    "patch_fraction": patched.patch_fraction, "patch_max_size": list(patched.patch_max_size)})
 
 
+def check_model_settings(settings: RunSettings) -> None:
+    """Build every component's config from the preset and the ``models.*`` overrides before any
+    stage trains, so a wrong key or value is a usage error (64) now, not a crash hours later."""
+    models = settings.models
+    try:
+        vqgan = vqgan_config(settings.preset, models.vqgan)
+        DiscriminatorConfig.from_dict(dict(models.discriminator))
+        unet = unet_config(settings.preset, vqgan.embedding_dim, models.unet)
+        SchedulerConfig.from_dict(dict(models.scheduler))
+        AdapterConfig.for_models(unet, vqgan.downsample, **dict(models.adapter))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UsageError(f"models: {exc}") from exc
+
+
 #: The stages in training order: (name, plan). The name is the model folder and the ``--stages`` name.
 STAGES: tuple[tuple[str, Callable[[TrainingRun], StagePlan | None]], ...] = (
     ("vqgan", plan_vqgan),

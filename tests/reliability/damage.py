@@ -22,6 +22,8 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
+
+from bids_app.model_card import content_sha256
 import torch
 
 from bids_app.workspace import checkpoints_dir
@@ -130,6 +132,7 @@ def _store_weights_bytes(models: Path, component: str, data: bytes) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     card = json.loads((models / "model_card.json").read_text())
     card["components"][component]["sha256"] = digest
+    card["content_sha256"] = content_sha256(card)  # a forger re-seals the card
     (models / "model_card.json").write_text(json.dumps(card))
     stage = json.loads((models / component / "stage.json").read_text())
     stage["sha256"] = digest

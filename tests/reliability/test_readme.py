@@ -21,10 +21,17 @@ def test_readme_table_is_the_catalogue() -> None:
 
 
 def test_every_runtime_case_is_checked_by_a_test() -> None:
-    """Bad-input rows are parametrised over directly; every other row is looked up by a test."""
+    """Bad-input rows are parametrised over directly; every other row is looked up by a test, by its
+    key: ``case("key")``, or as a string in a parametrised list of keys."""
     sources = "".join(p.read_text() for p in HERE.glob("test_*.py"))
-    used = set(re.findall(r'case\("([a-z0-9-]+)"\)', sources))
-    assert {c.key for c in catalogue.RUNTIME} <= used, {c.key for c in catalogue.RUNTIME} - used
+    used = set(re.findall(r'"([a-z0-9-]+)"', sources))
+    others = {c.key for c in catalogue.ALL_CASES} - {c.key for c in catalogue.BAD_INPUT}
+    assert others <= used, others - used
     from tests.reliability.damage import SCENARIOS
 
     assert set(SCENARIOS) == {c.key for c in catalogue.BAD_INPUT}
+
+
+def test_the_catalogue_keeps_its_breadth() -> None:
+    assert len(catalogue.ALL_CASES) >= 70
+    assert len(catalogue.CATALOGUE) == len(catalogue.ALL_CASES), "two rows share a key"
