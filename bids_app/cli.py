@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(seg, "--strength-sweep", nargs="?", const="0.1:0.9:0.1", metavar="START:STOP:STEP",
           help="also write the counterfactual and residual at each strength of the sweep (default 0.1:0.9:0.1)")
     _flag(seg, "--overwrite", action="store_true", help="redo images whose outputs already exist")
+    _flag(seg, "--allow-other-contrast", action="store_true",
+          help="segment images of a contrast (suffix) the model was not trained on; its calibration does not hold")
 
     run = parser.add_argument_group("running")
     _flag(run, "-w", "--work-dir", metavar="DIR", type=Path, help="scratch space (default: OUTPUT_DIR/work)")
@@ -219,6 +221,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         set_path(cli, "segmentation.strength_sweep", parse_sweep(args.strength_sweep))
     if "overwrite" in args:
         cli["overwrite"] = args.overwrite
+    if "allow_other_contrast" in args:
+        cli["allow_other_contrast"] = args.allow_other_contrast
     if "stop_on_first_crash" in args:
         cli["stop_on_first_crash"] = args.stop_on_first_crash
     compute = {k: getattr(args, k) for k in ("device", "nprocs", "omp_nthreads", "seed") if k in args}

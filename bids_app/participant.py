@@ -29,8 +29,9 @@ from bids_app import runlog
 from bids_app.io import atomic_write_json, exclusive_lock, save_nifti_atomic, try_exclusive_lock
 from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, name_parts
-from bids_app.errors import BadDataError, CountersegError, ExitCode, MissingInputError
+from bids_app.errors import BadDataError, CountersegError, ExitCode, MissingInputError, UsageError
 from bids_app.image_outputs import image_outputs
+from bids_app.model_card import untrained_contrasts
 from bids_app.model_store import TrainedModels, load_trained_models
 from bids_app.pipelines.counterfactual import CounterfactualPipeline
 from bids_app.pipelines.segment import ImageInput, native_residual
@@ -164,6 +165,23 @@ class _Failures:
         return sorted(self.rows, key=lambda row: position[row["image"]])
 
 
+def check_contrasts(settings: RunSettings, models: TrainedModels, images: Sequence[ImageRecord]) -> None:
+    """Images of a contrast the model was not trained on are refused (UsageError, 64) unless
+    ``--allow-other-contrast``: the healthy prior and the calibration hold for the trained contrasts."""
+    others = untrained_contrasts(models.card, (r.suffix for r in images))
+    if not others:
+        return
+    trained = list(models.card["contrasts"])
+    example = next(r.relpath for r in images if r.suffix in others)
+    if not settings.allow_other_contrast:
+        raise UsageError(f"the model in {settings.model_dir} was trained on {', '.join(trained)} images, not "
+                         f"{', '.join(others)} ({example}): its calibration does not hold for them; select "
+                         f"--contrast {' '.join(trained)}, or pass --allow-other-contrast to segment them anyway")
+    log.warning("segmenting %s image(s) with a model trained on %s (--allow-other-contrast): the calibrated "
+                "false-positive rate does not hold for them; their sidecars say so (SourceContrastTrained: false)",
+                ", ".join(others), ", ".join(trained))
+
+
 def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambiguate: Mapping[str, bool],
                    device: str, bad_inputs: Mapping[str, BaseException] | None = None) -> dict[str, Any]:
     """Segment every image but ``bad_inputs`` (those that failed the input checks, with their error).
@@ -180,6 +198,7 @@ def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambi
     # How many NaN voxels to tolerate is this run's choice, not the model's.
     models = dataclasses.replace(models, plan=dataclasses.replace(
         models.plan, max_nonfinite_fraction=settings.preprocessing.max_nonfinite_fraction))
+    check_contrasts(settings, models, [r for r in images if r.relpath not in bad])
     pipeline = CounterfactualPipeline.from_models(models, device, settings.compute)
     unfit = _plan_failures([r for r in images if r.relpath not in bad], models)
     if unfit and settings.stop_on_first_crash:
@@ -302,6 +321,9 @@ def segment_one(settings: RunSettings, models: TrainedModels, pipeline: Counterf
         **({"GrowThreshold": grow, "GrowQuantile": seg.lesions.grow_quantile} if grow is not None else {}),
         "AnalysisRegion": "spinal-cord mask" if result.region_source == "cord" else "body foreground",
         "ModelCardSHA256": models.card_sha256,
+        "ModelContrasts": list(models.card.get("contrasts") or []),
+        "SourceContrastTrained": not untrained_contrasts(models.card, [record.suffix]),
+        "CalibratedPolarity": dict((models.card.get("calibration") or {}).get("polarity") or {}),
         "AdapterUsed": result.adapter_used,
         "AdapterScale": seg.counterfactual.adapter_scale if result.adapter_used else 0.0,
     }

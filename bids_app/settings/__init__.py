@@ -330,6 +330,8 @@ class RunSettings(Checked):
     report_only: bool = setting(False, "participant level: rebuild the summary and reports from existing outputs")
     overwrite: bool = setting(False, "redo images whose outputs already exist")
     stop_on_first_crash: bool = setting(False, "participant level: stop at the first image that fails")
+    allow_other_contrast: bool = setting(False, "participant level: segment images of a contrast the model was not "
+                                         "trained on (a warning; the sidecars say so)")
     verbosity: int = setting(0, "more log output (1: debug)", rule=whole(0))
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)

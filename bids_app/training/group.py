@@ -104,7 +104,8 @@ def _calibrate(settings: RunSettings, prepared: PreparedData, models_sha256: str
     calibration = run_calibration(pipeline, prepared.plan, images, seg, seed)
     summary = {"threshold": calibration.threshold, "quantile": calibration.quantile,
                "n_images": calibration.n_images, "n_voxels": calibration.n_voxels,
-               "participants": sorted({s.name.split("/")[0] for s in samples})}
+               "participants": sorted({s.name.split("/")[0] for s in samples}),
+               "polarity": identity.get("polarity", {})}
     write_calibration_file(path, CalibrationFile(identity, summary, calibration))
     return summary
 

@@ -168,6 +168,11 @@ TRUST: tuple[Case, ...] = (
        "the model card was modified after training"),
     _c("model-config-edited", "a component's `config.json` edited by hand", BAD_DATA,
        "checksum mismatch with the model card: the config was modified after training"),
+    _c("other-contrast", "participant level on a contrast the model was not trained on (T1w for a T2w model)",
+       ExitCode.USAGE, "the model in … was trained on T2w images, not T1w (…): its calibration does not hold for "
+       "them; select --contrast T2w, or pass --allow-other-contrast to segment them anyway"),
+    _c("other-contrast-allowed", "the same with `--allow-other-contrast`", 0,
+       "segmenting T1w image(s) with a model trained on T2w (--allow-other-contrast)"),
 )
 
 #: One bad image stops nothing; concurrent jobs on one participant keep each other's outputs.

@@ -389,6 +389,7 @@ def _unfinished_training(s: Setup) -> tuple[Path, Path]:
     out = s.tmp / "trained"
     shutil.copytree(s.model.parent, out)
     (out / "models" / "vqgan" / "stage.json").unlink()
+    (out / "models" / "model_card.json").unlink()  # written last: an unfinished training has none
     return out, checkpoints_dir(out / "work", out / "models") / "vqgan" / "latest.pt"
 
 

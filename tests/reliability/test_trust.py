@@ -187,3 +187,29 @@ def test_unique_output_names_count_every_dataset_image() -> None:
     assert unique_output_names([t2w]) == {t2w: False}
     assert unique_output_names([t2w], [t2w, t1w]) == {t2w: True}
     assert unique_output_names([t2w], [t2w, "sub-02/anat/sub-02_T1w.nii.gz"]) == {t2w: False}
+
+
+def test_a_contrast_the_model_never_saw_is_refused_unless_allowed(rich_dataset: Path, tiny_model: Path,
+                                                                   tmp_path: Path, caplog) -> None:
+    out = tmp_path / "out"
+    argv = [rich_dataset, out, "participant", *participant_args(tiny_model), *FAST, "--contrast", "T1w",
+            "--participant-label", "01", "--session-label", "1"]
+    item = case("other-contrast")
+    assert run_cli(*argv) == item.exit_code
+    assert_one_error_line(caplog, *item.fragments(), "sub-01_ses-1_T1w.nii.gz")
+    assert not list(out.glob("sub-*"))
+    caplog.clear()
+    allowed = case("other-contrast-allowed")
+    assert run_cli(*argv, "--allow-other-contrast") == allowed.exit_code, caplog.text[-2000:]
+    assert all(f in caplog.text for f in allowed.fragments())
+    sidecar = json.loads(next(out.glob("sub-01/ses-1/anat/*label-lesion*mask.json")).read_text())
+    assert sidecar["ModelContrasts"] == ["T2w"] and sidecar["SourceContrastTrained"] is False
+    assert sidecar["ResidualPolarity"] == "dark" and sidecar["CalibratedPolarity"] == {"T2w": "bright"}
+
+
+def test_checkpoint_folders_follow_the_model_not_the_mount_point(tmp_path: Path) -> None:
+    from bids_app.workspace import checkpoints_dir
+
+    a, b = tmp_path / "a", tmp_path / "moved" / "a"
+    assert checkpoints_dir(a / "work", a / "models").name == checkpoints_dir(b / "work", b / "models").name
+    assert checkpoints_dir(a / "work", a / "models") != checkpoints_dir(a / "work", tmp_path / "b" / "models")
