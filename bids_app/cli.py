@@ -39,7 +39,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _flag(group: Any, *names: str, **kwargs: Any) -> None:
-    """Add an option under both its ``-`` and ``_`` spellings (``--work-dir`` and ``--work_dir``)."""
+    """Add an option under both its ``-`` and ``_`` spellings (``--work-dir`` and ``--work_dir``).
+    A list option given twice keeps both lists (``--participant-label 01 --participant-label 02``),
+    never only the last."""
+    if kwargs.get("nargs") in ("+", "*") and "action" not in kwargs:
+        kwargs["action"] = "extend"
     strings: list[str] = []
     for name in names:
         strings.append(name)

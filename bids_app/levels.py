@@ -15,7 +15,7 @@ from bids_app.bids.derivatives import unique_output_names
 from bids_app.io import exclusive_lock
 from bids_app.bids.images import check_not_placeholders, check_record, inspect_image
 from bids_app.bids.validate import validate_bids_dataset
-from bids_app.errors import BadDataError, BidsValidationError
+from bids_app.errors import BidsValidationError
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.distributed import SINGLE, Distributed
 from bids_app.distributed import describe as describe_distributed

@@ -242,7 +242,7 @@ def test_demo_generates_and_runs_both_levels(tmp_path: Path, caplog) -> None:
     assert json.loads((models / "calibration.json").read_text())["summary"]["n_images"] == 8
     caplog.clear()
     assert run_cli("--demo", tmp_path / "demo", "--config", config) == 0, "a second demo run reuses the dataset and the models"
-    assert "vqgan: already trained" in caplog.text and "diffusion: already trained" in caplog.text
+    assert "is finished and was trained with these settings and data: nothing to train" in caplog.text
 
 
 def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Path, tmp_path: Path, tiny_model: Path) -> None:
@@ -266,15 +266,15 @@ def test_group_level_writes_plan_fingerprint_split_and_cache(simple_dataset: Pat
     assert run_record(out, "participant")["segmentation"]["segmented"] == ["sub-05/anat/sub-05_T2w.nii.gz"]
 
 
-def test_an_existing_plan_is_kept_on_rerun(simple_dataset: Path, tmp_path: Path, caplog) -> None:
+def test_an_existing_plan_is_never_changed_by_a_rerun(simple_dataset: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "out"
     assert run_cli(simple_dataset, out, "group", "--preset", "tiny", *FAST, *PLAN) == 0
     first = (out / "models" / "preprocessing_plan.json").read_text()
     config = tmp_path / "c.yaml"
     config.write_text("preprocessing:\n  target_spacing: [2.0, 2.0, 2.0]\n")
-    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 0
+    assert run_cli(simple_dataset, out, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 64
+    assert "preprocessing.target_spacing: unset -> [2.0, 2.0, 2.0]" in caplog.text
     assert (out / "models" / "preprocessing_plan.json").read_text() == first
-    assert "preprocessing.target_spacing=[2.0, 2.0, 2.0] is ignored" in caplog.text
     fresh = tmp_path / "fresh"
     assert run_cli(simple_dataset, fresh, "group", "--preset", "tiny", "--config", config, *FAST, *PLAN) == 0
     assert json.loads((fresh / "models" / "preprocessing_plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.0]

@@ -92,6 +92,8 @@ RUNTIME = (
 
 #: Settings and inputs that once crashed (exit 1 with a traceback): each is now a usage or data error.
 SETTINGS_AND_INPUTS: tuple[Case, ...] = (
+    _c("participant-label-twice", "`--participant-label` given twice", 0,
+       "2 image(s) of 2 participant(s)"),
     _c("model-override-unknown", "an unknown architecture key under `models.*` in a `--config` file", ExitCode.USAGE,
        "models: unknown VQGANConfig keys: colour"),
     _c("threshold-nan", "`--threshold nan`", ExitCode.USAGE, "segmentation.lesions.threshold must be a finite number, got nan"),

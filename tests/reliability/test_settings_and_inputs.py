@@ -67,6 +67,16 @@ def test_the_largest_seed_is_accepted_at_both_levels(simple_dataset: Path, tmp_p
     assert "training participants: sub-01, sub-02, sub-03, sub-04" in capsys.readouterr().out
 
 
+def test_a_list_flag_given_twice_keeps_both_lists(simple_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    item = case("participant-label-twice")
+    assert run_cli(simple_dataset, tmp_path / "out", "participant", *FAST, "--participant-label", "01",
+                   "--participant-label", "sub-05", "--dry-run") == item.exit_code
+    listing = capsys.readouterr().out
+    assert all(f in listing for f in item.fragments())
+    assert "sub-01_T2w.nii.gz" in listing and "sub-05_T2w.nii.gz" in listing
+
+
 def test_an_unknown_architecture_key_is_refused_before_training(simple_dataset: Path, tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "config.yaml").write_text("models:\n  vqgan:\n    colour: 1\n")
