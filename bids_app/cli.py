@@ -301,9 +301,14 @@ def check_output_dir(settings: RunSettings) -> None:
     """Refuse (exit 64), before anything is written, an ``output_dir`` that is not counterseg's to
     write: one holding a dataset that counterseg did not generate (the raw dataset, when ``bids_dir``
     and ``output_dir`` are swapped; another derivative such as the masks' dataset), any other folder
-    that is not empty, and one that contains ``bids_dir``."""
+    that is not empty, and one that contains ``bids_dir``; a ``--model-dir`` or ``--work-dir`` that
+    holds a BIDS dataset."""
     from bids_app.bids.layout import generated_by_counterseg
 
+    for flag, folder in (("--model-dir", settings.model_dir), ("--work-dir", settings.work_dir)):
+        if (Path(folder) / "dataset_description.json").exists():
+            raise UsageError(f"{flag} {folder} holds a BIDS dataset: models and scratch files go to a folder of "
+                             "their own; choose another")
     output_dir, bids_dir = settings.output_dir.resolve(), settings.bids_dir.resolve()
     if output_dir in bids_dir.parents:
         raise UsageError(f"output_dir {settings.output_dir} contains the input dataset {settings.bids_dir}: choose "

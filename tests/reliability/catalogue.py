@@ -166,6 +166,8 @@ TRUST: tuple[Case, ...] = (
     _c("output-not-empty", "`output_dir` is a non-empty folder that is not a counterseg output", ExitCode.USAGE,
        "is not empty (…) and holds no counterseg output"),
     _c("bids-inside-output", "`bids_dir` inside `output_dir`", ExitCode.USAGE, "contains the input dataset"),
+    _c("model-dir-is-a-dataset", "`--model-dir` (or `-w`) is a folder holding a BIDS dataset", ExitCode.USAGE,
+       "holds a BIDS dataset: models and scratch files go to a folder of their own"),
     _c("model-card-edited", "`model_card.json` edited by hand (e.g. `latent_scale`)", BAD_DATA,
        "the model card was modified after training"),
     _c("model-config-edited", "a component's `config.json` edited by hand", BAD_DATA,

@@ -145,6 +145,19 @@ def test_output_dir_that_is_not_the_runs_own_is_refused(key: str, dataset_copy: 
     assert tree_digest(tmp_path) == before, "a refused run wrote something"
 
 
+@pytest.mark.parametrize("flag", ["--model-dir", "-w"])
+def test_model_or_work_dir_holding_a_dataset_is_refused(flag: str, dataset_copy: Path, tmp_path: Path,
+                                                        caplog) -> None:
+    labels = dataset_copy / "derivatives" / "labels"
+    before = tree_digest(dataset_copy)
+    code = run_cli(dataset_copy, tmp_path / "out", "group", "--preset", "tiny", flag, labels, *FAST)
+    item = case("model-dir-is-a-dataset")
+    assert code == item.exit_code
+    assert_one_error_line(caplog, *item.fragments(), str(labels))
+    assert tree_digest(dataset_copy) == before
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("key", ["model-card-edited", "model-config-edited"])
 def test_edited_model_card_or_config_is_refused(key: str, simple_dataset: Path, tiny_model: Path, tmp_path: Path,
                                                 caplog) -> None:
