@@ -232,6 +232,18 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     """
     import fcntl
 
+    with _lock_file(path) as fd:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.debug("no lock on %s (%s): continuing unlocked", path, exc.strerror or exc)
+        yield
+
+
+@contextlib.contextmanager
+def _lock_file(path: str | Path) -> Iterator[int]:
+    """The open descriptor of a lock file (created with its folder if needed, never removed: removing
+    a lock file races with a process opening it); closing it releases any lock taken on it."""
     path = Path(path)
     ensure_parent(path)
     try:
@@ -239,13 +251,9 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     except OSError as exc:
         raise _error(path, exc, creating=True) from exc
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            logger.debug("no lock on %s (%s): continuing unlocked", path, exc.strerror or exc)
-        yield
+        yield fd
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -261,23 +269,14 @@ class LockAttempt:
 
 @contextlib.contextmanager
 def try_exclusive_lock(path: str | Path) -> Iterator[LockAttempt]:
-    """Try once, without waiting, to take the advisory lock on ``path`` (created if needed, never
-    removed: removing a lock file races with a process opening it) for as long as the block runs.
+    """Try once, without waiting, to take the advisory lock on ``path`` for as long as the block runs.
 
     The holder writes its process id into the file for the message of the one that finds it busy.
     ``flock`` belongs to the open file, so the kernel releases it when the holder dies, however it
     dies: a lock nobody holds proves that whoever took it before has finished or is dead.
     """
-    path = Path(path)
-    ensure_parent(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise _error(path, exc, creating=True) from exc
-    try:
-        yield _take(fd, path)
-    finally:
-        os.close(fd)  # closing releases the lock
+    with _lock_file(path) as fd:
+        yield _take(fd, Path(path))
 
 
 _UNLOCKABLE: set[Path] = set()  # folders whose filesystem refused flock (warned about once)

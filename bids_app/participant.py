@@ -45,7 +45,7 @@ from bids_app.segmentation.calibration import (
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
 from bids_app.settings import RunSettings, settings_to_dict
-from bids_app.settings.fields import calibrated_values, sidecar_values
+from bids_app.settings.fields import calibrated_values, flatten, sidecar_values
 
 log = logging.getLogger(__name__)
 
@@ -400,20 +400,10 @@ def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any])
         log.warning("the threshold was calibrated by counterseg 0.1.0, which did not store its settings as this "
                     "version does: they cannot be checked; rerun the group stage calibrate to record them")
         return
-    now = {**_flatten(calibrated_values(settings.segmentation)), "compute.seed": settings.compute.seed}
-    then = {**_flatten(identity.get("segmentation", {})), "compute.seed": identity.get("seed")}
+    now = {**flatten(calibrated_values(settings.segmentation), "segmentation."), "compute.seed": settings.compute.seed}
+    then = {**flatten(identity.get("segmentation", {}), "segmentation."), "compute.seed": identity.get("seed")}
     differing = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     if differing:
         log.warning("segmentation settings differ from those the threshold was calibrated with (%s): the "
                     "calibrated false-positive rate does not hold; rerun the group stage calibrate with them",
                     ", ".join(f"{k}: {then.get(k)} now {now.get(k)}" for k in differing))
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "segmentation.") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat

@@ -273,6 +273,17 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict of settings as ``{"section.name": value}`` (to compare and name differences)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def to_jsonable(value: Any) -> Any:
     """Paths as strings, tuples as lists, recursively."""
     if isinstance(value, Path):

@@ -23,7 +23,7 @@ from bids_app.bids.layout import TrainingSelection
 from bids_app.errors import BadDataError, UsageError
 from bids_app.io import atomic_write_json
 from bids_app.settings import RunSettings, settings_to_dict
-from bids_app.settings.fields import calibrated_values
+from bids_app.settings.fields import calibrated_values, flatten
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def without_budget(identity: Mapping[str, Any]) -> dict[str, Any]:
 def differences(then: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between two identities (``setting: then -> now``, file changes)."""
     lines = []
-    old, new = _flatten(then.get("settings", {})), _flatten(now.get("settings", {}))
+    old, new = flatten(then.get("settings", {})), flatten(now.get("settings", {}))
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):
             lines.append(f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}")
@@ -155,16 +155,6 @@ def stored_settings(model_dir: Path) -> dict[str, Any] | None:
     if "seed" in settings:
         overrides["compute"] = {"seed": settings["seed"]}
     return overrides
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _shown(value: Any) -> str:
