@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--dry-run", action="store_true", help="print what would be processed and exit")
     _flag(run, "--demo", metavar="OUTDIR", type=Path,
           help="generate the synthetic dataset in OUTDIR/bids and run both levels (tiny preset) into OUTDIR/out")
-    run.add_argument("-v", "--verbose", dest="verbosity", action="count",
-                     help="more log output (-v: debug)")
+    console = run.add_mutually_exclusive_group()
+    console.add_argument("-v", "--verbose", dest="verbosity", action="count",
+                         help="more log output (-v: debug)")
+    console.add_argument("-q", "--quiet", action="store_true",
+                         help="console: warnings and errors only, no progress bars (the log file in "
+                              "OUTPUT_DIR/logs keeps everything)")
     return parser
 
 
@@ -353,12 +357,13 @@ def prepare_output(settings: RunSettings) -> Path:
 
 
 def finalise_output(settings: RunSettings) -> None:
-    """dataset_description.json and .bidsignore, written in ``finally`` like fMRIPrep, idempotently."""
-    from bids_app.bids.derivatives import detect_container, write_bidsignore, write_dataset_description
+    """dataset_description.json, README.md and .bidsignore, written in ``finally`` like fMRIPrep, idempotently."""
+    from bids_app.bids.derivatives import detect_container, write_bidsignore, write_dataset_description, write_readme
 
     write_dataset_description(
         settings.output_dir, __version__, settings.bids_dir, container=detect_container()
     )
+    write_readme(settings.output_dir)
     write_bidsignore(settings.output_dir)
 
 
@@ -382,7 +387,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(exc.code or 0)
     except CountersegError as exc:
         return _report(exc)
-    runlog.setup_console_logging(getattr(args, "verbosity", 0))
+    runlog.setup_console_logging(getattr(args, "verbosity", 0), quiet=getattr(args, "quiet", False))
     try:
         if "demo" in args:
             return run_demo(args.demo, args)
@@ -401,7 +406,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UsageError("torchrun is for the group level: run the participant level as one process per "
                              "participant (e.g. a job array, scripts/slurm/participant_array.sbatch)")
         if not context.is_main:
-            runlog.setup_console_logging(getattr(args, "verbosity", 0), context.rank)
+            runlog.setup_console_logging(getattr(args, "verbosity", 0), context.rank, getattr(args, "quiet", False))
         logs = prepare_output(settings) if context.is_main else settings.output_dir / "logs"
     except CountersegError as exc:
         return _report(exc)

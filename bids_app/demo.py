@@ -61,7 +61,7 @@ def run_demo(outdir: Path, args: argparse.Namespace, run_level: Callable[[Sequen
     for name in ("device", "seed", "nprocs", "omp_nthreads"):
         if name in args:
             common += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    common += ["-v"] * getattr(args, "verbosity", 0)
+    common += ["-v"] * getattr(args, "verbosity", 0) + (["-q"] if getattr(args, "quiet", False) else [])
     for level in ("group", "participant"):
         code = run_level([str(bids_dir), str(out), level, *common])
         if code != ExitCode.OK:

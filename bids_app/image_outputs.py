@@ -74,6 +74,7 @@ def image_outputs(output_dir: Path, source_relpath: str, disambiguate: bool = Fa
     # The mask and its sidecar first: removing them first turns "done" into "not done" at once.
     files = (mask, sidecars[KINDS.index("lesion_mask")],
              *(p for k, p in images.items() if k != "lesion_mask"),
-             *(s for k, s in zip(KINDS, sidecars) if k != "lesion_mask"), table, evaluation)
+             *(s for k, s in zip(KINDS, sidecars) if k != "lesion_mask"), table, table.with_suffix(".json"),
+             evaluation)
     # One lock per source image, whatever its output names (a --contrast selection may change them).
     return ImageOutputs(mask, files, table, evaluation, output_dir.joinpath(*LOCKS_DIR, f"{stem}.lock"))

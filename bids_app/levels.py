@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bids_app.bids import layout as bids_layout
 from bids_app.bids.derivatives import unique_output_names
+from bids_app.bids.tables import write_dataset_table
 from bids_app.io import exclusive_lock
 from bids_app.bids.images import check_not_placeholders, check_record, inspect_image
 from bids_app.bids.validate import validate_bids_dataset
@@ -162,6 +163,7 @@ def run_participant(settings: RunSettings, device: str) -> dict[str, Any]:
         record["segmentation"] = summarise_existing(settings, inputs.images, inputs.disambiguate)
     else:
         record["segmentation"] = segment_images(settings, inputs.images, inputs.disambiguate, device, bad_inputs)
+    write_dataset_table(settings.output_dir)  # lesions.tsv: every image on disk, this job's and the others'
     current = {"settings": settings_to_dict(settings), **record}
     labels = sorted({r.subject for r in inputs.images})
     _build_reports("participant", lambda reports: reports.build_participant_reports(

@@ -28,6 +28,7 @@ from bids_app.bids.derivatives import output_relpath, write_derivative
 from bids_app import runlog
 from bids_app.io import atomic_write_json, exclusive_lock, save_nifti_atomic, try_exclusive_lock
 from bids_app.bids.images import check_fits_plan
+from bids_app.bids.links import bids_uri
 from bids_app.bids.layout import ImageRecord, name_parts
 from bids_app.errors import BadDataError, CountersegError, ExitCode, MissingInputError, UsageError
 from bids_app.image_outputs import image_outputs
@@ -39,10 +40,12 @@ from bids_app.segmentation.calibration import (
     Calibration,
     grow_threshold,
     probability_map,
+    probseg_threshold,
     read_calibration_file,
     with_threshold,
 )
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
+from bids_app.segmentation.vertebrae import add_vertebral_levels
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.settings.fields import calibrated_values, flatten, sidecar_values
@@ -209,20 +212,20 @@ def segment_images(settings: RunSettings, images: Sequence[ImageRecord], disambi
     log.info("threshold %.4g (%s)", calibration.threshold, calibration.source)
     outcomes: dict[str, list[str]] = {"segmented": [], "skipped": [], "busy": []}
     evaluations = []
-    for number, record in enumerate(images, 1):
-        if record.relpath in bad:
-            continue
-        step = f"[{number}/{len(images)}] {record.relpath}"
-        try:
-            outcome, evaluation = _segment_locked(settings, models, pipeline, calibration, record,
-                                                  disambiguate.get(record.relpath, False), step)
-        except Exception as exc:  # an interruption is no Exception: it stops the run
-            if settings.stop_on_first_crash:
-                raise
-            failures.add(record.relpath, exc, step)
-            continue
-        outcomes[outcome].append(record.relpath)
-        evaluations.extend([evaluation] if evaluation is not None else [])
+    todo = [(number, record) for number, record in enumerate(images, 1) if record.relpath not in bad]
+    with runlog.progress(todo, "images", "image") as numbered:  # a bar with an ETA on a terminal
+        for number, record in numbered:
+            step = f"[{number}/{len(images)}] {record.relpath}"
+            try:
+                outcome, evaluation = _segment_locked(settings, models, pipeline, calibration, record,
+                                                      disambiguate.get(record.relpath, False), step)
+            except Exception as exc:  # an interruption is no Exception: it stops the run
+                if settings.stop_on_first_crash:
+                    raise
+                failures.add(record.relpath, exc, step)
+                continue
+            outcomes[outcome].append(record.relpath)
+            evaluations.extend([evaluation] if evaluation is not None else [])
     return {**outcomes, "failed": failures.in_order(images), "threshold": calibration.threshold,
             "threshold_source": calibration.source, "evaluation_summary": write_summary(settings, evaluations)}
 
@@ -314,6 +317,7 @@ def segment_one(settings: RunSettings, models: TrainedModels, pipeline: Counterf
         "ResidualGrid": "native",
         "ResidualPolarity": result.polarity,
         "Threshold": calibration.threshold,
+        "ProbsegThreshold": probseg_threshold(calibration),  # the same threshold on the probseg
         "ThresholdSource": calibration.source,
         "CalibrationRule": calibration.rule,
         "CalibrationImages": calibration.n_images,
@@ -328,15 +332,16 @@ def segment_one(settings: RunSettings, models: TrainedModels, pipeline: Counterf
         "AdapterScale": seg.counterfactual.adapter_scale if result.adapter_used else 0.0,
     }
     if record.cord_mask is not None:
-        extra["CordMask"] = str(record.cord_mask)
+        extra["CordMask"] = bids_uri(record.cord_mask, settings.output_dir)
     if result.adapter_used:
-        extra["AdapterControl"] = str(record.control_mask)
+        extra["AdapterControl"] = bids_uri(record.control_mask, settings.output_dir)
     out = settings.output_dir
     write_derivative(source.to_nifti(result.mean_counterfactual(), "image"), record.relpath, "counterfactual", out, extra, disambiguate)
     write_derivative(source.to_nifti(probability, "probability"), record.relpath, "anomaly_map", out, extra, disambiguate)
     paths = image_outputs(out, record.relpath, disambiguate)
-    rows = lesion_table(mask, probability, source.affine)
-    write_lesion_tsv(paths.lesion_table, rows)
+    rows = add_vertebral_levels(lesion_table(mask, probability, source.affine), record.disc_labels)
+    write_lesion_tsv(paths.lesion_table, rows,
+                     levels_from=bids_uri(record.disc_labels, out) if record.disc_labels is not None else None)
     voxel_volume = float(np.prod(result.spacing_mm))
     evaluation: dict[str, Any] | None = {"image": record.relpath, "n_lesions": len(rows),
                                          "lesion_volume_mm3": float(mask.sum() * voxel_volume),

@@ -3,9 +3,13 @@
 Every file name carries the level, a timestamp, the host, the process id and a random tag, so
 concurrent HPC jobs writing into one ``output_dir`` never write the same log file: not even jobs on
 different nodes, or in containers, where process ids repeat (every Docker container starts at pid 1).
+
+On a terminal the console shows progress bars (tqdm) and prints each log line above them, never
+through one; elsewhere (a pipe, a cluster's job log) the log lines alone are the progress.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -16,7 +20,7 @@ import secrets
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 from bids_app.io import atomic_write_json, atomic_write_text
 
@@ -35,8 +39,10 @@ def run_id(level: str) -> str:
     return f"{level}_{timestamp()}_{host}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
-def setup_console_logging(verbosity: int, rank: int = 0) -> logging.Logger:
-    """INFO by default (progress a user can watch), DEBUG with ``-v``; library loggers stay quiet.
+def setup_console_logging(verbosity: int, rank: int = 0, quiet: bool = False) -> logging.Logger:
+    """INFO by default (progress a user can watch), DEBUG with ``-v``, warnings and errors only with
+    ``-q``; library loggers stay quiet. The log file (:func:`add_file_logging`) keeps DEBUG whatever
+    the console shows.
 
     Under torchrun, ranks other than 0 print warnings and errors only, tagged with their rank: the
     progress is rank 0's to report.
@@ -46,13 +52,70 @@ def setup_console_logging(verbosity: int, rank: int = 0) -> logging.Logger:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    console = logging.StreamHandler(sys.stderr)
-    level = logging.DEBUG if verbosity >= 1 else logging.INFO
-    console.setLevel(level if rank == 0 else logging.WARNING)
+    level = logging.WARNING if quiet or rank != 0 else logging.DEBUG if verbosity >= 1 else logging.INFO
+    console = ConsoleHandler(sys.stderr, level)
     fmt = _FORMAT if rank == 0 else _FORMAT.replace("[counterseg]", f"[counterseg rank {rank}]")
     console.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     logger.addHandler(console)
     return logger
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log handler. Where progress bars are shown (``bars``: a terminal that shows
+    INFO), each line goes through ``tqdm.write``, which lifts the bars, prints the line and redraws
+    them below it, so that a line never lands in the middle of a bar."""
+
+    def __init__(self, stream: TextIO, level: int) -> None:
+        super().__init__(stream)
+        self.setLevel(level)
+        self.bars = level <= logging.INFO and _is_terminal(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.bars:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own rule: a failed log line never stops the run
+            self.handleError(record)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def bar_stream() -> TextIO | None:
+    """The console stream when progress bars belong on it (see :class:`ConsoleHandler`), else None:
+    no bars in a pipe or a job log, with ``-q``, on ranks other than 0, or with no console set up."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler, ConsoleHandler) and handler.bars:
+            return handler.stream
+    return None
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def progress(items: Sequence[T], desc: str, unit: str) -> Iterator[Iterable[T]]:
+    """Iterate ``items`` under a progress bar with an ETA where bars are shown, else plainly. A
+    context manager, so that the bar is closed (and stops being redrawn) when the loop fails."""
+    stream = bar_stream()
+    if stream is None:
+        yield items
+        return
+    from tqdm import tqdm
+
+    with tqdm(items, desc=desc, unit=unit, file=stream, dynamic_ncols=True) as bar:
+        yield bar
 
 
 def add_file_logging(logs_dir: Path, name: str) -> logging.Handler:

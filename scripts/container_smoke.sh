@@ -9,7 +9,7 @@
 #                    bookworm made with debootstrap, reused when it exists: Docker Hub is not
 #                    needed). Its Python must be the host's major.minor, which makes the wheels.
 #   --rebuild-base   make the debootstrap base again
-#   --image TAG      tag of the image built (default counterseg:smoke)
+#   --image TAG      tag of the image built (default counterseg:<version>, the version file's)
 #   --work DIR       scratch: rootfs, dataset, outputs, host venv (default /tmp/counterseg-smoke;
 #                    its host venv is reused when the wheelhouse has not changed)
 #
@@ -23,7 +23,10 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BASE_IMAGE=""
 REBUILD_BASE=0
-IMAGE=counterseg:smoke
+# The image scheme: counterseg:<version>, built with VERSION=<version> and the commit as REVISION.
+VERSION=$(cat "$REPO/version")
+REVISION=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+IMAGE=counterseg:$VERSION
 WORK=/tmp/counterseg-smoke
 PYTHON=${PYTHON:-python3}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -73,9 +76,10 @@ make_local_base() {
 
 python_minor() { "$@" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 
-# Wheels for every requirement, built on the host (torch resolves to the local CPU build).
+# Wheels for every requirement and the build backend (pyproject.toml's build-system), built on the
+# host (torch resolves to the local CPU build).
 make_wheelhouse() {
-    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -r "$REPO/requirements.txt" \
+    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -r "$REPO/requirements.txt" setuptools \
         -w "$REPO/wheelhouse" > "$WORK/wheelhouse.log" 2>&1 || { tail -20 "$WORK/wheelhouse.log" >&2; fail "pip wheel"; }
     ls "$REPO"/wheelhouse/torch-*.whl >/dev/null 2>&1 || fail "no torch wheel in $REPO/wheelhouse"
 }
@@ -129,12 +133,15 @@ phase "wheelhouse ($REPO/wheelhouse)"
 make_wheelhouse
 HOST_PY=$(host_python)
 
-VERSION="$(cat "$REPO/version")+g$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-phase "docker build --network none ($IMAGE, VERSION=$VERSION)"
+phase "docker build --network none ($IMAGE, VERSION=$VERSION, REVISION=$REVISION)"
 build_started=$SECONDS
 docker build --network none --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg VERSION="$VERSION" \
-    -t "$IMAGE" "$REPO" > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log" >&2; fail "docker build"; }
+    --build-arg REVISION="$REVISION" -t "$IMAGE" "$REPO" > "$WORK/build.log" 2>&1 \
+    || { tail -30 "$WORK/build.log" >&2; fail "docker build"; }
 grep -q "installing from wheelhouse/ only" "$WORK/build.log" || fail "the build did not use the wheelhouse"
+label() { docker image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$1\"}}" "$IMAGE"; }
+[ "$(label version)" = "$VERSION" ] || fail "the image's version label is '$(label version)', expected '$VERSION'"
+[ "$(label revision)" = "$REVISION" ] || fail "the image's revision label is '$(label revision)', expected '$REVISION'"
 echo "   built in $((SECONDS - build_started)) s; size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
 
 phase "synthetic dataset"

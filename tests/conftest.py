@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic BIDS datasets generated once per session, copied when a test mutates one."""
+"""Shared fixtures: synthetic BIDS datasets generated once per test run, copied when a test mutates one."""
 from __future__ import annotations
 
 import hashlib

@@ -76,6 +76,42 @@ def test_missing_positionals_is_usage_error() -> None:
     assert run_cli() == ExitCode.USAGE
 
 
+@pytest.mark.parametrize("flag", ["-q", "--quiet"])
+def test_quiet_still_prints_the_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    missing = tmp_path / "nowhere"
+    assert run_cli(missing, tmp_path / "out", "group", flag) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert f"ERROR: bids_dir {missing} does not exist" in err and "INFO" not in err
+
+
+def test_quiet_hides_info_that_the_default_console_shows(simple_dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A dry run logs at INFO (the derivatives searched) and prints its listing: -q keeps the listing."""
+    args = [simple_dataset, tmp_path / "out", "participant", "--dry-run", *FAST]
+    assert run_cli(*args) == 0
+    loud = capsys.readouterr()
+    assert run_cli(*args, "-q") == 0
+    quiet = capsys.readouterr()
+    assert "INFO" in loud.err and "INFO" not in quiet.err
+    assert quiet.out == loud.out and "sub-01" in quiet.out
+
+
+def test_quiet_reaches_both_levels_of_the_demo(tmp_path: Path) -> None:
+    from bids_app import demo
+
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text("{}")  # an existing dataset is reused
+    calls: list[list[str]] = []
+    args = cli.parse_args(["--demo", str(tmp_path), "-q"])
+    assert demo.run_demo(tmp_path, args, lambda argv: calls.append(list(argv)) or 0) == 0
+    assert [argv[2] for argv in calls] == ["group", "participant"] and all("-q" in argv for argv in calls)
+
+
+def test_verbose_and_quiet_exclude_each_other(tmp_path: Path, caplog) -> None:
+    assert run_cli(tmp_path, tmp_path / "out", "group", "-v", "-q") == ExitCode.USAGE
+    assert "not allowed with argument" in caplog.text
+
+
 def test_nonexistent_bids_dir(tmp_path: Path, caplog) -> None:
     missing = tmp_path / "nowhere"
     assert run_cli(missing, tmp_path / "out", "group") == ExitCode.USAGE

@@ -203,25 +203,53 @@ def test_sidecars() -> None:
     cf = d.sidecar(Path(T2W), "counterfactual", {"Model": "ddpm-v1"})
     assert cf["SkullStripped"] is False and cf["Model"] == "ddpm-v1" and cf["Sources"] == [uri]
     prob = d.sidecar(T2W, "anomaly_map", {"Threshold": 0.5})
-    assert "probability" in prob["Description"] and prob["Threshold"] == 0.5
+    assert prob["Threshold"] == 0.5
     assert "Type" not in prob and "SkullStripped" not in prob
 
 
+def test_the_sidecars_say_once_what_the_probseg_is_and_how_the_mask_comes_from_it() -> None:
+    mask, prob = d.sidecar(T2W, "lesion_mask")["Description"], d.sidecar(T2W, "anomaly_map")["Description"]
+    assert "not a lesion probability" in prob and "probability map" not in mask
+    assert "anomaly score" in mask and "_probseg" in mask
+    for key in ("ProbsegThreshold", "Threshold", "DetectionInsetMM", "MinLesionVolumeMM3", "GrowThreshold"):
+        assert key in mask, key
+    assert "ProbsegThreshold" in prob and "Threshold" in prob
+
+
+def test_input_files_are_sources_too() -> None:
+    cord = "bids:labels:sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz"
+    meta = d.sidecar(T2W, "lesion_mask", {"CordMask": cord, "AdapterControl": cord})
+    assert meta["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz", cord]
+    assert meta["CordMask"] == cord
+
+
+def _describe_raw(root: Path, **extra: object) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({
+        "Name": "raw", "BIDSVersion": "1.10.0", "License": "CC-BY-4.0", "Authors": ["A. Author", "B. Author"],
+        **extra}))
+    return root
+
+
 def test_dataset_description_content(tmp_path: Path) -> None:
-    src = tmp_path / "raw"
+    src = _describe_raw(tmp_path / "raw", DatasetDOI="doi:10.1234/raw", HowToAcknowledge="Cite paper X.")
     path = d.write_dataset_description(tmp_path / "out", "0.1.0", src)
     desc = json.loads(path.read_text())
-    uri = src.as_uri()
     assert desc["BIDSVersion"] == "1.10.0" and desc["DatasetType"] == "derivative"
     assert desc["Name"].startswith("counterseg: ")
-    assert desc["GeneratedBy"] == [
-        {"Name": "counterseg", "Version": "0.1.0", "CodeURL": "https://github.com/counterseg/counterseg"}
-    ]
-    assert desc["SourceDatasets"] == [{"URL": uri}] and desc["DatasetLinks"] == {"raw": uri}
+    [generated] = desc["GeneratedBy"]
+    assert generated["Name"] == "counterseg" and generated["Version"] == "0.1.0" and generated["Description"]
+    assert "CodeURL" not in generated, "counterseg has no public code URL"
+    assert desc["DatasetLinks"] == {"raw": "../raw"}, "relative to the output: no host path"
+    assert desc["SourceDatasets"] == [{"URL": "../raw", "DOI": "doi:10.1234/raw"}]
+    assert desc["License"] == "CC-BY-4.0" and desc["Authors"] == ["A. Author", "B. Author"]
+    assert "counterseg 0.1.0" in desc["HowToAcknowledge"] and "Cite paper X." in desc["HowToAcknowledge"]
+    assert str(tmp_path) not in path.read_text()
     container = {"Type": "docker", "Tag": "counterseg/counterseg:0.1.0"}
-    desc = d.dataset_description("0.1.0", "relative/raw", container)
+    desc = d.dataset_description("0.1.0", tmp_path / "bids", tmp_path / "bids" / "derivatives" / "counterseg", container)
     assert desc["GeneratedBy"][0]["Container"] == container
-    assert desc["DatasetLinks"]["raw"].startswith("file:///") and desc["DatasetLinks"]["raw"].endswith("/relative/raw")
+    assert desc["DatasetLinks"]["raw"] == "../.."
+    assert "License" not in desc and "Authors" not in desc, "none made up for a source without them"
 
 
 def test_dataset_description_idempotent(tmp_path: Path) -> None:
@@ -233,7 +261,19 @@ def test_dataset_description_idempotent(tmp_path: Path) -> None:
     assert path.stat().st_mtime == 1_000_000 and path.read_bytes() == content
     d.write_dataset_description(out, "0.2.0", tmp_path / "raw")
     assert json.loads(path.read_text())["GeneratedBy"][0]["Version"] == "0.2.0"
-    assert _files(out) == {"dataset_description.json"}
+    assert _files(out) == {"dataset_description.json", "logs/.dataset_description.lock"}
+
+
+def test_readme_is_written_once_and_a_users_own_is_kept(tmp_path: Path) -> None:
+    path = d.write_readme(tmp_path)
+    text = path.read_text()
+    assert path.name == "README.md" and "ProbsegThreshold" in text and "DatasetLinks" in text
+    os.utime(path, (1_000_000, 1_000_000))
+    d.write_readme(tmp_path)
+    assert path.stat().st_mtime == 1_000_000
+    path.write_text("# our study\n")
+    d.write_readme(tmp_path)
+    assert path.read_text() == "# our study\n"
 
 
 def test_concurrent_writers_never_expose_partial_files(tmp_path: Path) -> None:
@@ -250,7 +290,7 @@ def test_concurrent_writers_never_expose_partial_files(tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(job, range(8)))
-    assert _files(out) == {"dataset_description.json", "shared.json"}
+    assert _files(out) == {"dataset_description.json", "shared.json", "logs/.dataset_description.lock"}
 
 
 @pytest.mark.parametrize(
@@ -361,6 +401,7 @@ def test_written_derivative_dataset_passes_bids_validator(tmp_path: Path) -> Non
 
     out = tmp_path / "out"
     d.write_dataset_description(out, "0.1.0", raw, {"Type": "docker", "Tag": "counterseg:0.1.0"})
+    d.write_readme(out)
     d.write_bidsignore(out)
     for folder in ("work", "models", "figures", "reports"):  # ignored non-BIDS content
         (out / folder / "sub").mkdir(parents=True)
@@ -382,15 +423,13 @@ def test_written_derivative_dataset_passes_bids_validator(tmp_path: Path) -> Non
     assert "sub-02/ses-1/anat/sub-02_ses-1_label-lesion_desc-T1w_mask.nii.gz" in written
     assert "sub-01/ses-1/anat/sub-01_ses-1_acq-sag_label-lesion_probseg.nii.gz" in written
     files = _files(out)
-    assert len(files) == 2 * len(written) + 7  # images + sidecars + description, .bidsignore, 5 ignored
-    assert not [f for f in files if Path(f).name.startswith(".") and f != ".bidsignore"]
+    assert len(files) == 2 * len(written) + 9  # images + sidecars + description, README, .bidsignore, lock, 5 ignored
+    assert not [f for f in files if Path(f).name.startswith(".") and f not in (".bidsignore", "logs/.dataset_description.lock")]
     for rel in written:
         assert d.check_bids_name(rel), rel
         meta = json.loads((out / rel.replace(".nii.gz", ".json")).read_text())
         assert all(s.startswith("bids:raw:") and (raw / s[len("bids:raw:"):]).is_file() for s in meta["Sources"])
 
     report = _validate_json(validator, out)
-    errors = [i for i in report["issues"]["issues"] if i["severity"] == "error"]
-    assert errors == []
-    codes = {i["code"] for i in report["issues"]["issues"]}
-    assert "NIFTI_UNIT" not in codes and "SIDECAR_KEY_RECOMMENDED" not in codes, codes
+    assert [(i["severity"], i["code"], i.get("location")) for i in report["issues"]["issues"]] == [], \
+        "0 errors and 0 warnings"

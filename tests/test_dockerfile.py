@@ -51,7 +51,20 @@ def test_final_stage_runs_the_app_as_a_non_root_user() -> None:
     users = re.findall(r"^USER\s+(\S+)", stage, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     entrypoint = re.findall(r"^ENTRYPOINT\s+(.+)$", stage, re.MULTILINE)
-    assert entrypoint and "/opt/counterseg/run.py" in entrypoint[-1]
+    assert entrypoint and entrypoint[-1] == '["/opt/venv/bin/counterseg"]'  # what `pip install .` makes
+
+
+def test_the_build_refuses_a_version_that_is_no_image_tag() -> None:
+    """VERSION is required and must fit counterseg:<VERSION>: the builder's own check, run here."""
+    builder = re.split(r"^FROM\s", DOCKERFILE.read_text(encoding="utf-8"), flags=re.MULTILINE)[1]
+    check = re.search(r'^RUN (case "\$\{VERSION\}" in .*?esac)', builder, re.MULTILINE | re.DOTALL)
+    assert check, "the builder checks VERSION first"
+    script = check.group(1).replace("\\\n", "")  # Docker joins continued lines
+    for version, code in [("0.1.0", 0), ("0.1.0rc1", 0), ("", 64), ("0.1.0+g1a2b3c", 64), ("-rc", 64)]:
+        proc = subprocess.run(["bash", "-c", script], env={"VERSION": version, "PATH": os.environ["PATH"]},
+                              capture_output=True, text=True, cwd=DOCKERFILE.parent)
+        assert proc.returncode == code, (version, proc.stderr)
+        assert code == 0 or "--build-arg VERSION=" in proc.stderr
 
 
 def test_every_cache_a_dependency_writes_goes_to_tmp() -> None:

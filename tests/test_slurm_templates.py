@@ -27,9 +27,13 @@ def stubs(tmp_path: Path) -> Path:
     return bin_dir
 
 
+#: The image as the templates' usage builds it: counterseg:<version> made into a SIF.
+SIF = "/images/counterseg-0.1.0.sif"
+
+
 def run_template(name: str, stubs: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_LOG": str(tmp_path / "called"),
-               "BIDS_DIR": str(tmp_path / "bids"), "OUTPUT_DIR": str(tmp_path / "out"), **env}
+               "BIDS_DIR": str(tmp_path / "bids"), "OUTPUT_DIR": str(tmp_path / "out"), "SIF": SIF, **env}
     return subprocess.run(["bash", str(SLURM / name)], env=environ, cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
 
@@ -49,6 +53,7 @@ def test_array_task_runs_its_participant_and_logs_the_exit_code(stubs: Path, tmp
     assert result.returncode == 65, result.stderr
     args = (tmp_path / "called.apptainer").read_text().splitlines()
     assert args[:2] == ["run", "--nv"]
+    assert args[args.index(SIF) + 3] == "participant"  # the image's entry point gets the BIDS-App arguments
     assert args[args.index("--participant-label") + 1] == label
     database = Path(args[args.index("--bids-database-dir") + 1])
     assert database == tmp_path / "out" / "work" / "pybids" / f"task-77_{task}" and database.is_dir()
@@ -75,4 +80,17 @@ def test_group_template_starts_torchrun_on_every_node(stubs: Path, tmp_path: Pat
     torchrun = args[args.index("torchrun"):]
     assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d", "--rdzv_endpoint=node-a:29500",
             "--rdzv_id=99"} <= set(torchrun)
-    assert torchrun[torchrun.index("/opt/counterseg/run.py") + 3] == "group"
+    assert args[args.index(SIF) + 1] == "torchrun"
+    # torchrun starts the image's counterseg command (the entry point; no Python file) on every GPU
+    assert torchrun[torchrun.index("--no-python") + 1] == "counterseg"
+    assert torchrun[torchrun.index("counterseg") + 3] == "group"
+
+
+@pytest.mark.parametrize("name, env", [("participant_array.sbatch", {"SLURM_ARRAY_TASK_ID": "1"}),
+                                       ("group_multigpu.sbatch", {})])
+def test_templates_need_the_image(stubs: Path, tmp_path: Path, name: str, env: dict[str, str]) -> None:
+    """No default image: a job runs the counterseg-<version>.sif it is given, never a stale one."""
+    (tmp_path / "participants.txt").write_text("01\n")
+    result = run_template(name, stubs, tmp_path, SIF="", **env)
+    assert result.returncode != 0 and "SIF" in result.stderr and "counterseg-<version>.sif" in result.stderr
+    assert not (tmp_path / "called.apptainer").exists()

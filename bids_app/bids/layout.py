@@ -1,9 +1,9 @@
 """Find the images a run processes: pybids queries, derivative matching, participant selection.
 
-Raw images are indexed with pybids. Derivatives (cord and lesion masks) are matched per image by
-name templates under the same ``sub-*/[ses-*/]<datatype>/`` folder of each derivative dataset,
-because the names in use (spine-generic's ``*_T2w_label-SC_seg``, legacy ``*_seg-manual``) are
-not BIDS-derivative names that pybids can parse into entities.
+Raw images are indexed with pybids. Derivatives (cord and lesion masks, disc labels) are matched per
+image by name templates under the same ``sub-*/[ses-*/]<datatype>/`` folder of each derivative
+dataset, because the names in use (spine-generic's ``*_T2w_label-SC_seg``, ``*_labels-disc-manual``,
+legacy ``*_seg-manual``) are not BIDS-derivative names that pybids can parse into entities.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ ENTITY_ALIASES = {
     "trc": "tracer",
     "stain": "staining",
 }
-DERIVATIVE_ROLES = ("cord", "lesion")
+DERIVATIVE_ROLES = ("cord", "lesion", "disc")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class ImageRecord:
     cord_mask: Path | None = None
     lesion_mask: Path | None = None
     control_mask: Path | None = None
+    disc_labels: Path | None = None  # disc (or vertebral-level) labels: each lesion's vertebral level
 
 
 @dataclass(frozen=True)
@@ -314,12 +315,14 @@ def match_derivative(relpath: str, roots: Sequence[Path], templates: Sequence[st
 
 
 def required_templates(name: str, selection: SelectionSettings) -> tuple[str, ...]:
-    """What ``--require-derivative NAME`` looks for: a role (cord, lesion) or a name part such as
+    """What ``--require-derivative NAME`` looks for: a role (cord, lesion, disc) or a name part such as
     ``label-SC_seg`` (matched as ``<image stem>_NAME`` or ``<entities>_NAME``)."""
     if name == "cord":
         return selection.cord_names
     if name == "lesion":
         return selection.lesion_names
+    if name == "disc":
+        return selection.disc_names
     return (f"{{stem}}_{name}", f"{{entities}}_{name}")
 
 
@@ -504,6 +507,7 @@ def _record(
         cord_mask=match_derivative(rel, roots, selection.cord_names),
         lesion_mask=match_derivative(rel, roots, selection.lesion_names),
         control_mask=match_derivative(rel, roots, selection.control_names or selection.cord_names),
+        disc_labels=match_derivative(rel, roots, selection.disc_names),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from bids_app.models.vqgan import group_count
@@ -162,10 +163,10 @@ def take_slices(volume: Tensor, selection: SliceSelection) -> Tensor:
     if selection.indices.shape[0] != b:
         raise ValueError(f"selection is for {selection.indices.shape[0]} volumes, got {b}")
     moved = volume.movedim(2 + selection.axis, 2)  # (B, C, S, H, W)
-    n = selection.indices.shape[1]
-    index = selection.indices.to(volume.device).view(b, 1, n, 1, 1).expand(b, c, n, *moved.shape[3:])
-    picked = torch.gather(moved, 2, index)  # (B, C, n, H, W)
-    return picked.transpose(1, 2).reshape(b * n, c, *moved.shape[3:])
+    h, w = moved.shape[3:]
+    index = repeat(selection.indices.to(volume.device), "b n -> b c n h w", c=c, h=h, w=w)
+    picked = torch.gather(moved, 2, index)
+    return rearrange(picked, "b c n h w -> (b n) c h w")
 
 
 def random_slices(

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class VectorQuantizer(nn.Module):
         # distances pick wrong codes once codes are close together.
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.to(self.embedding.dtype)
-            flat = z.movedim(1, -1).reshape(-1, self.embedding_dim)
+            flat = rearrange(z, "b d ... -> (b ...) d")
             rows = flat.detach()
             if self.training and self.gather_rows is not None:
                 rows = self.gather_rows(rows)
@@ -157,7 +158,7 @@ class VectorQuantizer(nn.Module):
                 dead = self.update_codebook(rows, stats, generator).sum()
             else:
                 dead = (self.cluster_size < self.dead_code_threshold).sum()
-            quantized = quantized_flat.view(*z.shape[:1], *z.shape[2:], self.embedding_dim).movedim(-1, 1)
+            quantized = rearrange(quantized_flat, "(b n) d -> b d n", b=z.shape[0]).view_as(z)
             commitment = self.commitment_weight * F.mse_loss(z, quantized.detach())
             straight_through = z + (quantized - z).detach()
         codes = codes.view(*z.shape[:1], *z.shape[2:])
@@ -167,7 +168,7 @@ class VectorQuantizer(nn.Module):
         """Codebook vectors for integer ``codes`` (B, X, Y, Z) as a (B, D, X, Y, Z) latent for decoding."""
         if codes.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"codes must be integer indices, got {codes.dtype}")
-        return F.embedding(codes.long(), self.embedding).movedim(-1, 1)
+        return rearrange(F.embedding(codes.long(), self.embedding), "b ... d -> b d ...")
 
     @torch.no_grad()
     def initialise_from(self, flat: Tensor, generator: torch.Generator | None = None) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["UNET_PRESETS", "UNet3DConfig", "UNet3D"]
@@ -199,7 +200,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.time(F.silu(temb))[:, :, None, None, None].chunk(2, dim=1)
+        scale, shift = rearrange(self.time(F.silu(temb)), "b c -> b c 1 1 1").chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
@@ -216,12 +217,11 @@ class SelfAttention3D(nn.Module):
         self.proj = nn.Conv3d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, d, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, d * h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, d, h, w)
-        return x + self.proj(out)
+        qkv = rearrange(self.qkv(self.norm(x)), "b (qkv heads c) d h w -> qkv b heads (d h w) c", qkv=3,
+                        heads=self.num_heads)
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))  # q, k, v each (B, heads, voxels, head_dim)
+        d, h, w = x.shape[2:]
+        return x + self.proj(rearrange(out, "b heads (d h w) c -> b (heads c) d h w", d=d, h=h, w=w))
 
 
 class Downsample(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from bids_app import killpoints
+from bids_app import killpoints, runlog
 from bids_app.pipelines.counterfactual import CounterfactualPipeline
 from bids_app.pipelines.segment import ImageInput, native_residual
 from bids_app.preprocessing.plan import PreprocessingPlan
@@ -35,15 +35,16 @@ def run_calibration(pipeline: CounterfactualPipeline, plan: PreprocessingPlan, i
                     seg: SegmentationSettings, seed: int) -> Calibration:
     """The threshold from the residuals of healthy images the models never saw."""
     residuals, regions, lesion_free, growth = [], [], [], []
-    for item in images:
-        result = native_residual(pipeline, plan, item, seg, seed)
-        residuals.append(result.residual)
-        regions.append(result.detection_region)  # the voxels where a healthy image could get a lesion
-        growth.append(result.growth)
-        lesion_free.append(lesion_free_threshold(result.residual, result.detection_region, result.spacing_mm,
-                                                 seg.lesions.min_lesion_mm3))
-        log.info("calibrate: %s (%.1f s), lesion-free from a threshold of %.4g", item.name, result.seconds,
-                 lesion_free[-1])
-        killpoints.reached("calibrate:image")
+    with runlog.progress(images, "calibrate", "image") as todo:  # a bar with an ETA on a terminal
+        for item in todo:
+            result = native_residual(pipeline, plan, item, seg, seed)
+            residuals.append(result.residual)
+            regions.append(result.detection_region)  # the voxels where a healthy image could get a lesion
+            growth.append(result.growth)
+            lesion_free.append(lesion_free_threshold(result.residual, result.detection_region, result.spacing_mm,
+                                                     seg.lesions.min_lesion_mm3))
+            log.info("calibrate: %s (%.1f s), lesion-free from a threshold of %.4g", item.name, result.seconds,
+                     lesion_free[-1])
+            killpoints.reached("calibrate:image")
     return calibrate(residuals, regions, quantile=seg.calibration.quantile, lesion_free=lesion_free,
                      image_fpr=seg.calibration.image_fpr, grow_residuals=growth)

@@ -1,5 +1,7 @@
 """Rebuild the reports of an output directory without running anything (fMRIPrep's ``--reports-only``).
 
+The participant pages asked for, the QC index over every image, then the group page.
+
     python -m bids_app.reports OUTPUT_DIR [--participant-label 01 05] [--no-group]
 """
 from __future__ import annotations

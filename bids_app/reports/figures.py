@@ -1,4 +1,6 @@
-"""QC figures: per-image sagittal/axial mosaics and the strength sweep; group training figures.
+"""QC figures drawn with matplotlib: the strength sweep of an image; group training figures.
+
+(The per-image views, drawn voxel for voxel, are ``render`` and ``viewer``.)
 
 Drawn on matplotlib ``Figure`` objects with the Agg canvas attached explicitly: pyplot (and with it
 the global backend choice) is never imported, so figures build on a machine without a display and
@@ -16,16 +18,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bids_app.io import atomic_write_bytes
+from bids_app.reports import render
 from bids_app.reports import volumes as vol
 from bids_app.reports.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
 DPI = 100
-N_SAGITTAL, N_AXIAL = 3, 10
-ANOMALY_FLOOR = 0.5  # anomaly scores below the healthy median are not coloured
-COLOURS = {"prediction": "#ffd400", "truth": "#00e5ff", "TP": "#2ecc40", "FP": "#ff4136", "FN": "#3d7dff"}
-ANOMALY_CMAP, RESIDUAL_CMAP = "inferno", "magma"
+#: Lesion contours, in the colours of the views (``render``).
+COLOURS = {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in (("prediction", render.PREDICTION_RGB),
+                                                                        ("truth", render.TRUTH_RGB))}
+RESIDUAL_CMAP = "magma"
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -45,108 +48,9 @@ def save_figure(figure: Any, path: Path) -> Path:
     return atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-# --------------------------------------------------------------------------- participant mosaics
-
-
-def mosaic(volumes: Volumes, view: str, path: Path) -> Path:
-    """Original, counterfactual, anomaly overlay and lesion contours of a few slices through the cord.
-
-    Sagittal: the four panels side by side, each showing ``N_SAGITTAL`` slices across the cord.
-    Axial: the four panels stacked, each showing ``N_AXIAL`` slices along the cord (every lesion's
-    largest slice among them).
-    """
-    axis = 0 if view == "sagittal" else 2
-    low, high = vol.slice_range(volumes, axis)
-    wanted = vol.lesion_slices(volumes.lesion_voxels, axis)
-    indices = vol.choose_slices(low, high, N_SAGITTAL if view == "sagittal" else N_AXIAL, wanted)
-    grey = vol.window(volumes.background)
-    background = vol.strip(volumes.background, view, indices)
-    panels: list[tuple[str, str, np.ndarray | None]] = []
-    if volumes.original is not None:
-        panels.append(("original", "grey", background))
-    if volumes.counterfactual is not None:
-        panels.append(("counterfactual", "grey", vol.strip(volumes.counterfactual, view, indices)))
-    panels += [("anomaly score", "anomaly", None), ("lesions", "lesions", None)]
-    row_mm, col_mm = vol.pixel_spacing(volumes.zooms, view)
-    height_mm, width_mm = background.shape[0] * row_mm, background.shape[1] * col_mm
-    stacked = view == "axial"
-    figure = _panel_figure(len(panels), width_mm, height_mm, stacked)
-    layout = (len(panels), 1) if stacked else (1, len(panels))
-    axes = figure.subplots(*layout, squeeze=False).ravel()
-    strips = {name: vol.strip(getattr(volumes, name), view, indices) if getattr(volumes, name) is not None else None
-              for name in ("anomaly", "mask", "truth")}
-    anomaly_image = None
-    for ax, (title, kind, data) in zip(axes, panels):
-        ax.imshow(data if kind == "grey" else background, cmap="gray", vmin=grey[0], vmax=grey[1],
-                  aspect=row_mm / col_mm, interpolation="nearest")
-        if kind == "anomaly":
-            anomaly_image = _anomaly_overlay(ax, strips["anomaly"], row_mm / col_mm)
-        elif kind == "lesions":
-            _lesion_overlay(ax, strips["mask"], strips["truth"], row_mm / col_mm)
-        ax.set_title(title, fontsize=9, color="white", pad=3)
-        ax.set_axis_off()
-    _legend(figure, volumes.truth is not None, anomaly_image)
-    where = "L\u2192R" if view == "sagittal" else "I\u2192S"
-    figure.suptitle(f"{view} slices {', '.join(map(str, indices))} ({where}), crop: {volumes.crop_source}",
-                    fontsize=8, color="#bbbbbb", y=0.995, va="top")
-    return save_figure(figure, path)
-
-
-def _panel_figure(count: int, width_mm: float, height_mm: float, stacked: bool) -> Any:
-    """A black figure sized so that ``count`` panels keep their physical aspect ratio."""
-    total_w = width_mm if stacked else width_mm * count * 1.03
-    total_h = height_mm * count * 1.12 if stacked else height_mm * 1.08
-    scale = min(11.0 / total_w, 9.0 / total_h)  # inches per mm
-    width, height = max(total_w * scale, 4.0), total_h * scale + 1.2  # + title and legend bands
-    figure = new_figure(width, height)
-    figure.patch.set_facecolor("black")
-    figure.subplots_adjust(left=0.01, right=0.99, top=1 - 0.45 / height, bottom=0.75 / height,
-                           wspace=0.04, hspace=0.25)
-    return figure
-
-
-def _anomaly_overlay(ax: Any, anomaly: np.ndarray, aspect: float) -> Any:
-    shown = np.ma.masked_less(np.nan_to_num(anomaly), ANOMALY_FLOOR)
-    return ax.imshow(shown, cmap=ANOMALY_CMAP, vmin=ANOMALY_FLOOR, vmax=1.0, alpha=0.8, aspect=aspect,
-                     interpolation="nearest")
-
-
-def _lesion_overlay(ax: Any, mask: np.ndarray, truth: np.ndarray | None, aspect: float) -> None:
-    """Prediction contour; with ground truth also its contour and TP/FP/FN fills."""
-    if truth is not None:
-        from matplotlib.colors import to_rgba
-
-        fill = np.zeros(mask.shape + (4,), np.float32)
-        for name, where in (("TP", mask & truth), ("FP", mask & ~truth), ("FN", ~mask & truth)):
-            fill[where] = to_rgba(COLOURS[name], 0.55)
-        ax.imshow(fill, aspect=aspect, interpolation="nearest")
-        _contour(ax, truth, COLOURS["truth"])
-    _contour(ax, mask, COLOURS["prediction"])
-
-
 def _contour(ax: Any, mask: np.ndarray, colour: str) -> None:
     if mask.any():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.9)
-
-
-def _legend(figure: Any, with_truth: bool, anomaly_image: Any) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    handles = [Line2D([], [], color=COLOURS["prediction"], label="predicted lesion")]
-    if with_truth:
-        handles += [Line2D([], [], color=COLOURS["truth"], label="ground truth"),
-                    Patch(color=COLOURS["TP"], label="TP"), Patch(color=COLOURS["FP"], label="FP"),
-                    Patch(color=COLOURS["FN"], label="FN")]
-    legend = figure.legend(handles=handles, loc="lower left", ncol=len(handles), fontsize=7, frameon=False,
-                           bbox_to_anchor=(0.0, 0.0), labelcolor="white")
-    legend.set_in_layout(False)
-    if anomaly_image is not None:
-        height = figure.get_figheight()
-        bar = figure.add_axes((0.62, 0.36 / height, 0.3, 0.1 / height))
-        colorbar = figure.colorbar(anomaly_image, cax=bar, orientation="horizontal")
-        colorbar.ax.tick_params(labelsize=6, colors="white", length=2, pad=1)
-        colorbar.set_label("anomaly score (healthy quantile)", fontsize=6, color="white", labelpad=1)
 
 
 # --------------------------------------------------------------------------- strength sweep

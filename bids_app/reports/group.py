@@ -18,11 +18,12 @@ from bids_app.errors import CountersegError
 from bids_app.io import atomic_write_bytes, atomic_write_text
 from bids_app.reports import figures, html
 from bids_app.reports import outputs as out
+from bids_app.reports.index import INDEX_PAGE
+from bids_app.reports.viewer import FIGURES_DIR
 from bids_app.workspace import checkpoints_dir
 
 log = logging.getLogger(__name__)
 
-FIGURES_DIR = "figures"
 STAGE_ORDER = ("vqgan", "diffusion", "adapter")
 _STEP_RE = re.compile(r"^(?P<kind>.+)_step-(?P<step>\d+)\.png$")
 _EVALUATION_COLUMNS = {"image": "image", "dice": "Dice", "auprc": "AUPRC", "lesion_f1": "lesion F1",
@@ -55,7 +56,8 @@ def build_group_report(output_dir: str | Path, run_record: Mapping[str, Any] | N
     body.append(html.section("participants", "Participant reports", _participant_links(output_dir)))
     nav = [(key, title) for key, title, _ in sections] + [("participants", "Participants")]
     path = output_dir / "group.html"
-    atomic_write_text(path, html.page("counterseg group report", str(output_dir), nav, body))
+    pages = [(INDEX_PAGE, "QC index")] if (output_dir / INDEX_PAGE).is_file() else []
+    atomic_write_text(path, html.page("counterseg group report", f"output dataset {output_dir.name}", nav, body, pages))
     log.info("report: %s", path)
     return path
 
@@ -75,6 +77,10 @@ class _Context:
 
     def figure_path(self, name: str) -> Path:
         return self.output_dir / FIGURES_DIR / name
+
+    def show(self, path: Path) -> str:
+        """A path as the page shows it (``html.shown_path``)."""
+        return html.shown_path(path, self.output_dir) or ""
 
     def rel(self, path: Path) -> str:
         return Path(path).relative_to(self.output_dir).as_posix()
@@ -115,9 +121,9 @@ def _selection_rule(record: Mapping[str, Any]) -> str:
 def _models(context: _Context) -> str:
     card = context.card
     if card is None:
-        return html.note(f"No model card in {context.model_dir}: training did not finish.")
+        return html.note(f"No model card in {context.show(context.model_dir)}: training did not finish.")
     stages = context.record.get("models") or {}
-    rows = [("model directory", str(context.model_dir)), ("model card version", card.get("version")),
+    rows = [("model directory", context.show(context.model_dir)), ("model card version", card.get("version")),
             ("preset", card.get("preset")), ("latent scale", card.get("latent_scale"))]
     components = []
     for name, component in (card.get("components") or {}).items():
@@ -134,7 +140,7 @@ def _training_curves(context: _Context) -> str:
     logs = sorted(folder.glob("*/losses.jsonl"),
                   key=lambda p: (STAGE_ORDER.index(p.parent.name) if p.parent.name in STAGE_ORDER else 99, p))
     if not logs:
-        return html.note(f"No loss logs in {folder} (the work directory may have been "
+        return html.note(f"No loss logs in {context.show(folder)} (the work directory may have been "
                          "cleaned).")
     blocks = []
     for path in logs:
@@ -163,7 +169,7 @@ def _training_figures(context: _Context) -> str:
         if match:
             kinds.setdefault(match["kind"], []).append((int(match["step"]), path))
     if not kinds:
-        return html.note(f"No training figures in {folder}.")
+        return html.note(f"No training figures in {context.show(folder)}.")
     blocks = []
     for kind, items in sorted(kinds.items()):
         items.sort()
@@ -292,8 +298,10 @@ def _evaluation(context: _Context) -> str:
 
 
 def _participant_links(output_dir: Path) -> str:
+    index = (f'<p id="index-link">{html.link(INDEX_PAGE, "QC index")}: every image in one sortable table, with '
+             "keyboard navigation and ratings to export.</p>") if (output_dir / INDEX_PAGE).is_file() else ""
     pages = sorted(p.name for p in output_dir.glob("sub-*.html"))
     if not pages:
-        return html.paragraph("No participant report yet.", muted=True)
-    return "<ul>" + "".join(f'<li><a href="{html.esc(p)}">{html.esc(p[:-5])}</a></li>' for p in pages) + "</ul>"
+        return index + html.paragraph("No participant report yet.", muted=True)
+    return index + "<ul>" + "".join(f'<li><a href="{html.esc(p)}">{html.esc(p[:-5])}</a></li>' for p in pages) + "</ul>"
 

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import unquote, urlparse
 
 from bids_app.bids.derivatives import RAW_LINK, output_relpath
+from bids_app.bids.links import resolve_bids_uri, resolve_link
 from bids_app.bids.layout import name_parts
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ def raw_root(output_dir: Path, records: Sequence[Mapping[str, Any]] = ()) -> Pat
     """The raw dataset the outputs came from: ``DatasetLinks.raw`` of the derivative dataset, else
     the ``bids_dir`` of a run record."""
     description = read_json(Path(output_dir) / "dataset_description.json") or {}
-    uri = (description.get("DatasetLinks") or {}).get(RAW_LINK)
-    if isinstance(uri, str) and uri.startswith("file:"):
-        return Path(unquote(urlparse(uri).path))
+    root = resolve_link((description.get("DatasetLinks") or {}).get(RAW_LINK), output_dir)
+    if root is not None:
+        return root
     for record in records:
         path = setting_path(record, "bids_dir")
         if path is not None:
@@ -182,7 +182,7 @@ def _image_outputs(output_dir: Path, mask: Path, source: str, sidecar: Mapping[s
     stem = name_parts(Path(source).name)[0]
     folder = mask.parent
     image = raw / source if raw is not None and (raw / source).is_file() else None
-    cord = inputs.get("cord_mask") or (Path(sidecar["CordMask"]) if sidecar.get("CordMask") else None)
+    cord = inputs.get("cord_mask") or resolve_bids_uri(sidecar.get("CordMask"), output_dir)
     parts = Path(source).parts
     session = parts[1][len("ses-"):] if len(parts) > 3 and parts[1].startswith("ses-") else None
     return ImageOutputs(

@@ -1,9 +1,11 @@
-"""Minimal PNG writing (greyscale and RGB, 8 bit) with the standard library, for training figures
-and report mosaics; avoids a plotting dependency for what is a few rows of pixels."""
+"""8-bit PNGs from arrays (greyscale or RGB), encoded by Pillow; windowing and side-by-side panels.
+
+Used by the training figures and the report's layer images. Pillow (which matplotlib needs anyway)
+does the encoding; what is left here is array work: a window to 0..255 and a montage.
+"""
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +23,18 @@ def to_uint8(image: np.ndarray, low: float | None = None, high: float | None = N
 
 def png_bytes(pixels: np.ndarray) -> bytes:
     """Encode an (H, W) uint8 greyscale or (H, W, 3) uint8 RGB array as PNG."""
+    from PIL import Image
+
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if pixels.ndim == 2:
-        colour_type, channels = 0, 1
-    elif pixels.ndim == 3 and pixels.shape[2] == 3:
-        colour_type, channels = 2, 3
-    else:
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise ValueError(f"expected (H, W) or (H, W, 3) pixels, got {pixels.shape}")
-    height, width = pixels.shape[:2]
-    rows = pixels.reshape(height, width * channels)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """:func:`png_bytes` written atomically."""
     from bids_app.io import atomic_write_bytes
 
     return atomic_write_bytes(Path(path), png_bytes(pixels))

@@ -202,3 +202,44 @@ def window(volume: np.ndarray, where: np.ndarray | None = None) -> tuple[float, 
         return 0.0, 1.0
     low, high = np.percentile(values, [0.5, 99.5])
     return float(low), float(high if high > low else low + 1.0)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One predicted lesion (26-connected component) in the cropped RAS arrays, numbered as in the lesion TSV."""
+
+    index: int
+    n_voxels: int
+    box: tuple[slice, slice, slice]  # its bounding box
+    centre: tuple[int, int, int]  # the lesion voxel nearest its centroid: the slices shown through it
+
+
+def lesion_components(volumes: Volumes) -> list[Lesion]:
+    """The predicted lesions, largest first, ties broken by the first voxel in the native voxel order:
+    the order (and so the numbers) of ``segmentation.lesions.lesion_table``, whatever the orientation."""
+    from scipy import ndimage
+
+    from bids_app.segmentation.lesions import label_components
+
+    labels, count = label_components(volumes.mask)
+    found = []
+    for k, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is None:
+            continue
+        coords = np.argwhere(labels[box] == k) + [s.start for s in box]
+        centroid = coords.mean(axis=0)
+        centre = coords[int(np.argmin(((coords - centroid) ** 2).sum(axis=1)))]
+        first = int(native_flat_indices(volumes, coords).min())
+        found.append((-len(coords), first, tuple(box), tuple(int(c) for c in centre), len(coords)))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [Lesion(rank, size, box, centre) for rank, (_, _, box, centre, size) in enumerate(found, 1)]
+
+
+def native_flat_indices(volumes: Volumes, coords: np.ndarray) -> np.ndarray:
+    """C-order flat indices, on the native grid, of voxels given in the cropped RAS arrays."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
+    native = np.zeros_like(coords)
+    for axis, (target, flip) in enumerate(np.asarray(volumes.ornt, dtype=int)):
+        position = coords[:, target] + volumes.box[target].start
+        native[:, axis] = volumes.native_shape[axis] - 1 - position if flip < 0 else position
+    return np.ravel_multi_index(native.T, volumes.native_shape)

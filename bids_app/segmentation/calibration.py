@@ -340,21 +340,38 @@ def healthy_cdf(values: np.ndarray | float, calibration: Calibration) -> np.ndar
 def probability_map(
     residual: np.ndarray, calibration: Calibration, region: np.ndarray | None = None
 ) -> np.ndarray:
-    """Per voxel, the fraction of healthy in-region voxels with a residual at most this high.
+    """The anomaly score written as the ``_probseg`` image: where each voxel's residual ``r`` sits in
+    the healthy reference distribution, ``(#{reference <= r} + 1 + [r > threshold]) / (N + 2)``.
 
-    0.99 means "higher than 99 % of healthy voxels"; above every reference value gives 1.0;
-    0 outside ``region``. Note this is a healthy-tail score, not a posterior: a typical healthy
-    voxel scores ~0.5 (the map is uniform on healthy tissue), and the calibrated threshold
-    corresponds to ``calibration.quantile``, not to 0.5.
+    About the fraction of healthy in-region voxels with a residual at most this high (0.99: higher
+    than 99 % of them); ``N`` is the reference size. The ``+ 1`` (the voxel itself) keeps every
+    in-region score above 0, so ``score > 0`` is the analysis region; counting the threshold as
+    one more reference value once it is exceeded makes ``score > probseg_threshold(calibration)``
+    exactly ``residual > calibration.threshold`` (the voxel ECDF alone is flat between two reference
+    values, where the threshold usually falls). 0 outside ``region``. This is a healthy-tail score,
+    not a posterior: a typical healthy voxel scores ~0.5, and the threshold is not at 0.5.
     """
     residual = np.asarray(residual)
-    prob = healthy_cdf(residual, calibration).astype(np.float32)
+    counts = _reference_counts(residual, calibration) + 1 + (residual > calibration.threshold)
+    prob = (counts / (calibration.reference.size + 2)).astype(np.float32)
     if region is not None:
         region = np.asarray(region, dtype=bool)
         if region.shape != residual.shape:
             raise ValueError(f"region has shape {region.shape}, residual has {residual.shape}")
         prob[~region] = 0.0
     return prob
+
+
+def probseg_threshold(calibration: Calibration) -> float:
+    """The threshold in the units of :func:`probability_map`: ``score > probseg_threshold`` exactly
+    where ``residual > calibration.threshold`` (also after the score is stored as float32)."""
+    count = _reference_counts(np.asarray(calibration.threshold), calibration) + 1
+    return float((count / (calibration.reference.size + 2)).astype(np.float32))
+
+
+def _reference_counts(values: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """How many reference values are <= each value (compared in float32, as the reference is stored)."""
+    return np.searchsorted(calibration.reference, np.asarray(values, dtype=np.float32), side="right")
 
 
 def with_threshold(calibration: Calibration, threshold: float) -> Calibration:

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+# The lesion table's columns are declared with their sidecar descriptions (format_tsv_value: re-exported).
+from bids_app.bids.tables import LESION_COLUMNS, format_tsv_value, tsv_text, write_lesion_sidecar  # noqa: F401
 from bids_app.io import atomic_write_text
 from bids_app.segmentation.residuals import check_spacing
 
@@ -33,9 +35,6 @@ logger = logging.getLogger(__name__)
 #: 26-connectivity structuring element for 3D component labelling.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
-#: Column order of the lesion TSV (BIDS style: snake case, ``n/a`` for missing values).
-LESION_COLUMNS = ("index", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                  "max_score", "mean_score", "n_voxels")
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Label the 26-connected components of a binary 3D mask: (labels, count)."""
@@ -196,24 +195,13 @@ def lesion_table(mask: np.ndarray, scores: np.ndarray | None, affine: np.ndarray
             "max_score": float(maxima[k]),
             "mean_score": float(means[k]),
             "n_voxels": int(sizes[k]),
+            "vertebral_level": None,  # known only from disc labels: segmentation.vertebrae
         })
     return rows
 
 
-def format_tsv_value(value: Any) -> str:
-    """A TSV cell: ``n/a`` for None/NaN (BIDS), 6 significant digits for floats."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if not np.isfinite(value) else f"{float(value):.6g}"
-    return str(value)
-
-
-def write_lesion_tsv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write the lesion table (header always, also when there is no lesion), atomically."""
-    lines = ["\t".join(LESION_COLUMNS)]
-    for row in rows:
-        lines.append("\t".join(format_tsv_value(row.get(col)) for col in LESION_COLUMNS))
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+def write_lesion_tsv(path: str | Path, rows: Sequence[dict[str, Any]], levels_from: str | None = None) -> Path:
+    """Write the lesion table (header always, also when there is no lesion) and its JSON sidecar,
+    each atomically; ``levels_from``: the BIDS URI of the disc labels the vertebral levels come from."""
+    write_lesion_sidecar(path, levels_from)
+    return atomic_write_text(path, tsv_text(tuple(LESION_COLUMNS), rows))

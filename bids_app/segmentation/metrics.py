@@ -61,25 +61,21 @@ def _region_values(
 
 
 def auprc(scores: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> float:
-    """Average precision of the voxel ranking by ``scores`` inside ``region``.
+    """Average precision of the voxel ranking by ``scores`` inside ``region`` (NaN without a lesion voxel).
 
     AP = sum_k (R_k - R_{k-1}) P_k over the distinct score values taken as thresholds
-    (descending; tied voxels enter together), the step-wise area under the precision-recall
-    curve without interpolation (as scikit-learn's ``average_precision_score``).
+    (descending; tied voxels enter together): the step-wise area under the precision-recall curve
+    without interpolation. scikit-learn's ``average_precision_score`` computes exactly this (the
+    trapezoidal ``auc(recall, precision)`` would interpolate linearly, which overestimates AP), so
+    the maintained implementation is used (scikit-learn, a dependency). Imported here: only evaluation
+    against ground truth needs it, and it takes seconds to import.
     """
+    from sklearn.metrics import average_precision_score
+
     s, y = _region_values(scores, truth, region)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return math.nan
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    tp = np.cumsum(y, dtype=np.float64)
-    fp = np.cumsum(~y, dtype=np.float64)
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tp, fp = tp[last_of_tie], fp[last_of_tie]
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s))
 
 
 def lesion_wise(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:

@@ -40,6 +40,16 @@ DEFAULT_LESION_NAMES: tuple[str, ...] = (
     "{stem}_lesion-manual",
     "{stem}_lesion",
 )
+#: Intervertebral disc labels (SCT numbering: value n at the disc above vertebra n, 3 = C2/C3), or a
+#: cord segmentation labelled by vertebral level; they give each lesion its vertebral level.
+DEFAULT_DISC_NAMES: tuple[str, ...] = (
+    "{stem}_labels-disc-manual",  # spine-generic (manual disc labels)
+    "{stem}_label-disc",
+    "{stem}_label-discs_dlabel",  # spine-generic (current)
+    "{stem}_labels-disc",
+    "{stem}_seg_labeled_discs",  # sct_label_vertebrae outputs
+    "{stem}_seg_labeled",
+)
 
 
 #: Letters and digits: BIDS labels (``sub-<label>``) and suffixes; nothing that could be a path.
@@ -101,6 +111,8 @@ class SelectionSettings(Checked):
                                             "tried in order", rule=_TEMPLATES)
     control_names: tuple[str, ...] = setting((), "name templates of the T2I-Adapter's control derivative (empty: "
                                              "the cord mask)", rule=_TEMPLATES)
+    disc_names: tuple[str, ...] = setting(DEFAULT_DISC_NAMES, "name templates of disc labels (or a cord segmentation "
+                                          "labelled by vertebral level), tried in order", rule=_TEMPLATES)
     healthy_column: str = setting("pathology", "participants.tsv column marking healthy participants", rule=_TEXT)
     healthy_value: str = setting("HC", "value of healthy_column that marks a healthy participant", rule=_TEXT)
     train_participants: tuple[str, ...] = setting((), "group level: train on these participants instead of the "

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
-from bids_app import interruption, killpoints
+from bids_app import interruption, killpoints, runlog
 from bids_app.compute import amp_dtype
 from bids_app.errors import UsageError
 from bids_app.training.checkpoint import load_checkpoint, save_checkpoint
@@ -301,13 +300,15 @@ def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _progress(name: str, start: int, total: int, is_main: bool) -> Iterator[Any]:
-    """A tqdm bar on a terminal; elsewhere (clusters, CI) the periodic log lines are the progress."""
-    if not (is_main and sys.stderr.isatty()):
+    """A tqdm bar on a terminal (:func:`bids_app.runlog.bar_stream`); elsewhere (clusters, CI, ``-q``)
+    the periodic log lines are the progress."""
+    stream = runlog.bar_stream() if is_main else None
+    if stream is None:
         yield lambda step, metrics: None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", file=stream, dynamic_ncols=True)
 
     def update(step: int, metrics: Mapping[str, float]) -> None:
         bar.n = step

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bids_app import runlog
 from bids_app.bids.images import check_fits_plan
 from bids_app.bids.layout import ImageRecord, TrainingSelection
 from bids_app.data import Sample, TrainingVolumes, split_participants
@@ -88,8 +89,9 @@ def _prepare(settings: RunSettings, selection: TrainingSelection) -> PreparedDat
     prepared = PreparedData(plan, fingerprint, tuple(map(sample_of, train)), tuple(map(sample_of, validation)), split)
     remove_leftover_temp_files(settings.work_dir / "cache")  # a killed run's half-written entries
     train_set, val_set = prepared.datasets(settings.work_dir / "cache", settings.compute.seed)
-    for dataset in (train_set, val_set):
-        for index in range(len(dataset)):
+    entries = [(dataset, index) for dataset in (train_set, val_set) for index in range(len(dataset))]
+    with runlog.progress(entries, "preprocess", "image") as todo:  # a bar with an ETA on a terminal
+        for dataset, index in todo:
             dataset.arrays(index)
     log.info("preprocessed %d image(s) into %s", len(train_set) + len(val_set), settings.work_dir / "cache")
     return prepared

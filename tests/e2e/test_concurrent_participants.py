@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 LABELS = ("01", "02", "05", "06")  # two healthy, two with lesions
 KINDS = ("desc-counterfactual_T2w.nii.gz", "label-lesion_probseg.nii.gz", "label-lesion_mask.nii.gz",
          "desc-counterfactual_T2w.json", "label-lesion_probseg.json", "label-lesion_mask.json",
-         "T2w_lesions.tsv", "T2w_evaluation.json")
+         "T2w_lesions.tsv", "T2w_lesions.json", "T2w_evaluation.json")
 
 
 @pytest.mark.slow
@@ -56,6 +56,9 @@ def test_concurrent_participant_jobs_share_one_output_dir(simple_dataset: Path, 
     assert summary[0].split("\t")[:2] == ["metric", "mean"]
     n_images = {row.split("\t")[0]: int(row.split("\t")[-1]) for row in summary[1:]}
     assert n_images["lesion_volume_mm3"] == len(LABELS), "the table summarises every job's image"
+    table = (out / "lesions.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in table[1:]] == [f"sub-{label}" for label in LABELS], \
+        "lesions.tsv lists every job's image"
 
     result = run_validator(out)
     assert not result.errors, result.errors

@@ -55,7 +55,9 @@ def test_outputs_are_on_the_source_grid(segmented: Path, simple_dataset: Path, s
         if kind == "probseg":
             assert data.min() >= 0 and data.max() <= 1
         sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-        assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz"]
+        cord = f"bids:labels:sub-{subject}/anat/sub-{subject}_T2w_label-SC_seg.nii.gz"
+        assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T2w.nii.gz", cord]
+        assert sidecar["CordMask"] == sidecar["AdapterControl"] == cord
         assert sidecar["ThresholdSource"] == "calibrated" and sidecar["Strengths"] == [0.5]
         # The image-level rule: the threshold predicts a 5 % healthy image false-positive rate.
         assert sidecar["CalibrationRule"] == "images" and sidecar["CalibrationImageFPR"] == 0.05
@@ -156,7 +158,8 @@ def test_adapter_scale_zero_and_a_chosen_control_derivative(dataset_copy: Path, 
     config.write_text("selection:\n  control_names: ['{stem}_label-canal_seg']\n")
     assert cli.main(base + ["--config", str(config), "--overwrite"]) == 0
     sidecar = json.loads(outputs(out, "03")["mask"].with_suffix("").with_suffix(".json").read_text())
-    assert sidecar["AdapterUsed"] is True and sidecar["AdapterControl"] == str(control.resolve())
+    assert sidecar["AdapterUsed"] is True and sidecar["AdapterControl"] == f"bids:labels:sub-03/anat/{control.name}"
+    assert sidecar["Sources"][-1] == sidecar["AdapterControl"], "the control derivative is a source too"
 
 
 def test_report_only_rebuilds_the_summary_without_a_model(segmented: Path, simple_dataset: Path, tmp_path: Path) -> None:

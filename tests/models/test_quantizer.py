@@ -150,6 +150,21 @@ def test_straight_through_gradient_and_commitment() -> None:
     assert torch.allclose(z.grad, torch.ones_like(z))  # identity gradient through the quantiser
 
 
+def test_each_voxel_gets_the_codebook_vector_of_its_own_code() -> None:
+    """The latent's voxels are flattened and restored in the same order (the einops patterns): every voxel's
+    code is the nearest to that voxel's own vector, and its quantised vector is that code's, bit for bit."""
+    vq = VectorQuantizer(n_codes=16, embedding_dim=3).eval()
+    z = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    out = vq(z)
+    assert out.codes.shape == (2, 4, 5, 6) and out.quantized.shape == z.shape
+    voxels = z.movedim(1, -1).reshape(-1, 3)
+    assert torch.equal(out.codes.flatten(), brute_force_codes(voxels, vq.embedding))
+    for b, x, y, w in [(0, 0, 0, 0), (1, 3, 2, 5), (0, 2, 4, 1)]:
+        code = out.codes[b, x, y, w]
+        assert torch.equal(vq.lookup(out.codes)[b, :, x, y, w], vq.embedding[code])
+    assert torch.equal(vq.lookup(out.codes), vq.embedding[out.codes].movedim(-1, 1))
+
+
 def test_perplexity_equals_code_count_for_uniform_usage() -> None:
     vq = VectorQuantizer(n_codes=8, embedding_dim=8).eval()
     vq.embedding.copy_(torch.eye(8) * 10.0)

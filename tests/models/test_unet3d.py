@@ -145,6 +145,28 @@ def test_attention_uses_scaled_dot_product_attention(monkeypatch, config: UNet3D
     assert all(shape[1] == config.num_heads for shape in calls)
 
 
+def test_attention_equals_the_hand_written_reshapes() -> None:
+    """The einops patterns are the reshape/transpose chain they replaced, bit for bit (forward and backward)."""
+    from bids_app.models.unet3d import SelfAttention3D
+
+    torch.manual_seed(0)
+    attention = SelfAttention3D(16, num_heads=4, groups=4)
+    x = torch.randn(2, 16, 3, 4, 5, requires_grad=True)
+
+    def reshapes(x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        qkv = attention.qkv(attention.norm(x)).reshape(b, 3, 4, c // 4, d * h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, d, h, w)
+        return x + attention.proj(out)
+
+    got, expected = attention(x), reshapes(x)
+    assert torch.equal(got, expected)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    assert torch.equal(grad_got, grad_expected)
+
+
 def test_a_few_gradient_steps_reduce_the_loss() -> None:
     net = make(small()).train()
     g = torch.Generator().manual_seed(0)

@@ -1,8 +1,9 @@
 """The reliability catalogue: every case of bad input, interruption, concurrency and security, with
-the exit code and the message a user gets. The tests check each row; the README's Reliability
-table must equal ``markdown_table()`` (``tests/reliability/test_readme.py``), so the two never drift.
+the exit code and the message a user gets. The tests check each row; the table in
+docs/reliability.md ("Cases") must equal ``markdown_table()`` (``tests/reliability/test_reliability_doc.py``),
+so the two never drift.
 
-Print the table for the README with ``python -m tests.reliability.catalogue``.
+Print the table for docs/reliability.md with ``python -m tests.reliability.catalogue``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bids_app.errors import ExitCode
 @dataclass(frozen=True)
 class Case:
     key: str
-    case: str  # what a user did or has (README "case" column)
+    case: str  # what a user did or has (docs/reliability.md "case" column)
     exit_code: int
     message: str  # what the error line (exit 0: the log) says; "…" stands for run-specific text
 

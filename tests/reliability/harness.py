@@ -52,7 +52,7 @@ def assert_no_partial_output(out: Path) -> None:
     for nifti in out.rglob("*.nii.gz"):
         np.asanyarray(nib.load(str(nifti)).dataobj)  # raises on a truncated file
     sources = {json.loads(p.read_text())["Sources"][0].removeprefix("bids:raw:")
-               for p in out.glob("sub-*/**/*.json") if not p.name.endswith("_evaluation.json")}
+               for p in out.glob("sub-*/**/*.json") if not p.name.endswith(("_evaluation.json", "_lesions.json"))}
     for source in sources:
         sets = [image_outputs(out, source, disambiguate) for disambiguate in (False, True)]
         missing = [[p.name for p in outputs.files if not p.is_file()] for outputs in sets]

@@ -127,11 +127,11 @@ def test_an_image_failing_mid_run_is_discarded_and_the_others_go_on(dataset_copy
     crashing, good = GOOD
     real_table = participant.write_lesion_tsv
 
-    def table_or_crash(path: Path, rows) -> None:
+    def table_or_crash(path: Path, rows, **kwargs) -> None:
         if path.name.startswith(f"sub-{crashing}_"):
             assert any(p.is_file() for p in image_outputs(path.parents[2], relpath(crashing)).files), "partial outputs"
             raise RuntimeError("lesion table exploded")
-        real_table(path, rows)
+        real_table(path, rows, **kwargs)
 
     monkeypatch.setattr(participant, "write_lesion_tsv", table_or_crash)
     out = tmp_path / "out"

@@ -3,6 +3,7 @@ report tests read; the group run record comes from the tiny model's own group ru
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,33 @@ def report_run(simple_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.
                      "--strength-sweep", sweep, "--skip-bids-validation", *participant_args(tiny_model)])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="package")
+def browser():
+    """Playwright's Chromium, the system's own build (nothing is downloaded); skips without either."""
+    from tests.reports.browser import CHROMIUM, playwright_missing
+
+    reason = playwright_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                              args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say where the report screenshots of this run are (those it wrote)."""
+    from tests.reports.browser import ARTIFACTS
+
+    shots = sorted(p for p in ARTIFACTS.glob("*.png") if p.stat().st_mtime >= _STARTED) if ARTIFACTS.is_dir() else []
+    if shots:
+        terminalreporter.write_line(f"report screenshots for a person to look at: {ARTIFACTS} "
+                                    f"({', '.join(p.name for p in shots)})")

@@ -1,4 +1,4 @@
-"""Each report in headless Chromium: every image loads and nothing is fetched from the network.
+"""Each report page in headless Chromium: every image loads and nothing is fetched from the network.
 
 A probe copy of each page (same folder, so relative links resolve as in the report) gets a Content
 Security Policy that allows only ``file:`` and ``data:`` resources and records every violation, and a
@@ -11,15 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.reports.browser import CHROMIUM, NO_CHROMIUM
 from tests.reports.page import read_page
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
          "--virtual-time-budget=10000", "--dump-dom"]
@@ -43,13 +42,13 @@ window.addEventListener("load", () => {
 });
 </script>"""
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium; "
-                                                         ".ci/run installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 def probe(page: Path, profile: Path) -> dict:
     text = page.read_text(encoding="utf-8")
     text = text.replace("<head>", "<head>" + HEAD, 1).replace("</body>", TAIL + "</body>", 1)
+    text = text.replace('loading="lazy"', 'loading="eager"')  # the index's hidden previews: load them all
     copy = page.with_name(f"probe-{page.name}")
     copy.write_text(text, encoding="utf-8")
     try:
@@ -62,7 +61,7 @@ def probe(page: Path, profile: Path) -> dict:
     return json.loads(base64.b64decode(match[1]))
 
 
-@pytest.mark.parametrize("name", ["sub-01", "sub-05", "group"])
+@pytest.mark.parametrize("name", ["sub-01", "sub-05", "group", "index"])
 def test_report_loads_offline_in_chromium(report_run: Path, tmp_path: Path, name: str) -> None:
     page = report_run / f"{name}.html"
     result = probe(page, tmp_path / "profile")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bids_app.bids.tables import VERTEBRAL_LEVELS
 from bids_app.reports.participant import METRIC_LABELS
 from tests.conftest import participant_args
 from tests.reports.conftest import SWEEP
@@ -21,7 +22,7 @@ STEMS = {"01": "sub-01_T2w", "05": "sub-05_T2w"}
 
 
 def pages(out: Path) -> dict[str, Page]:
-    return {name: read_page(out / f"{name}.html") for name in ("sub-01", "sub-05", "group")}
+    return {name: read_page(out / f"{name}.html") for name in ("sub-01", "sub-05", "group", "index")}
 
 
 def anat(out: Path, label: str) -> Path:
@@ -36,7 +37,7 @@ def close(text: str, value: float) -> bool:
 
 
 def test_the_levels_write_the_reports(report_run: Path, tiny_model: Path) -> None:
-    for name in ("sub-01.html", "sub-05.html", "group.html"):
+    for name in ("sub-01.html", "sub-05.html", "group.html", "index.html"):
         assert (report_run / name).is_file(), name
     assert (tiny_model.parent / "group.html").is_file(), "the group level writes its report"
     assert "dataset-table" in read_page(tiny_model.parent / "group.html").tables
@@ -46,16 +47,18 @@ def test_participant_reports_have_every_section(report_run: Path) -> None:
     for label, stem in STEMS.items():
         page = read_page(report_run / f"sub-{label}.html")
         expected = {"summary", "about", f"image-{stem}", f"segmentation-{stem}", f"lesions-{stem}",
-                    f"metrics-{stem}", f"mosaics-{stem}", f"sweep-{stem}"}
+                    f"metrics-{stem}", f"views-{stem}", f"sweep-{stem}"}
         assert expected <= page.ids, expected - page.ids
-        assert len(page.images) == 4, "sagittal and axial mosaics, sweep animation and filmstrip"
+        n_lesions = len((anat(report_run, label) / f"{stem}_lesions.tsv").read_text().splitlines()) - 1
+        assert len(page.images) == 4 * (2 + min(n_lesions, 8)) + 2, \
+            "4 layers of the sagittal, axial and lesion views, sweep animation and filmstrip"
 
 
 def test_group_report_has_every_section(report_run: Path) -> None:
     page = read_page(report_run / "group.html")
     expected = {"dataset", "models", "training", "training-figures", "calibration", "false-positives",
                 "evaluation", "participants", "dataset-table", "excluded-table", "components-table",
-                "calibration-table", "false-positive-table", "evaluation-summary", "evaluation-images"}
+                "calibration-table", "false-positive-table", "evaluation-summary", "evaluation-images", "index-link"}
     assert expected <= page.ids, expected - page.ids
     names = [Path(src).name for src in page.images]
     assert {f"group_desc-{stage}_losses.png" for stage in ("vqgan", "diffusion", "adapter")} <= set(names)
@@ -90,8 +93,9 @@ def test_reports_reference_nothing_on_the_network(report_run: Path) -> None:
     for name, page in pages(report_run).items():
         text = (report_run / f"{name}.html").read_text()
         assert not [u for u in page.urls if re.match(r"^(?:[a-z][a-z0-9+.-]*:)?//", u, re.I)], name
-        assert not re.search(r"url\(|@import", text), name
-        assert not {"script", "link", "iframe", "object", "embed"} & page.tags, name
+        assert not re.search(r"url\(|@import|<script[^>]*\ssrc=", text), name
+        assert not {"link", "iframe", "object", "embed"} & page.tags, name
+        assert ("script" in page.tags) == (name == "index"), "only the index has a script, inline"
 
 
 def test_participant_numbers_match_the_outputs(report_run: Path, tiny_model: Path) -> None:
@@ -107,6 +111,7 @@ def test_participant_numbers_match_the_outputs(report_run: Path, tiny_model: Pat
         assert int(summary["lesion count"]) == len(lesions) == evaluation["n_lesions"]
         assert close(summary["total lesion volume (mm³)"], evaluation["lesion_volume_mm3"])
         assert close(summary["threshold (residual)"], sidecar["Threshold"])
+        assert close(summary["threshold (anomaly score)"], sidecar.get("ProbsegThreshold"))
         assert summary["threshold origin"].startswith(sidecar["ThresholdSource"])
         assert summary["calibration"] == (f"{sidecar['CalibrationImages']} healthy held-out image(s): predicted "
                                           f"healthy image false-positive rate {100 * sidecar['CalibrationImageFPR']:g} %")
@@ -121,7 +126,10 @@ def test_participant_numbers_match_the_outputs(report_run: Path, tiny_model: Pat
             rows = page.rows(f"lesion-table-{stem}")
             assert len(rows) == len(lesions)
             for row, lesion in zip(rows, lesions):
-                assert [close(cell, float(lesion[key])) for cell, key in zip(row, header)] == [True] * len(header)
+                level = lesion.pop("vertebral_level", "n/a")
+                assert row[-1] == VERTEBRAL_LEVELS.get(level, level), "SCT's level number shown by name (3: C3)"
+                assert [close(cell, float(lesion[key])) for cell, key in zip(row, header)
+                        if key != "vertebral_level"] == [True] * len(lesion)
         metrics = page.key_values(f"metrics-table-{stem}")
         shown = {key: label for key, label in METRIC_LABELS.items() if key in evaluation}
         assert set(metrics) == set(shown.values())
@@ -175,7 +183,7 @@ def test_group_numbers_match_the_outputs(report_run: Path, tiny_model: Path) -> 
 def test_a_broken_figure_costs_only_that_figure(report_run: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     """Also the reports-only entry point: rebuilds a page from the outputs alone."""
     from bids_app.reports import __main__ as reports_only
-    from bids_app.reports import figures
+    from bids_app.reports import viewer
 
     out = tmp_path / "out"
     shutil.copytree(report_run, out)
@@ -184,12 +192,14 @@ def test_a_broken_figure_costs_only_that_figure(report_run: Path, tmp_path: Path
     def broken(*args, **kwargs):
         raise RuntimeError("no axial today")
 
-    monkeypatch.setattr(figures, "mosaic", broken)
+    monkeypatch.setattr(viewer, "build_views", broken)
     with caplog.at_level(logging.WARNING):
         assert reports_only.main([str(out), "--participant-label", "sub-05", "--no-group"]) == 0
     page = read_page(out / "sub-05.html")
     assert [n for n in page.notes if "no axial today" in n] and "no axial today" in caplog.text
     assert "segmentation-table-sub-05_T2w" in page.tables and len(page.images) == 2, "the sweep figures remain"
+    assert (out / "index.html").stat().st_mtime_ns > (report_run / "index.html").stat().st_mtime_ns, \
+        "the index is rebuilt with the participant pages"
 
 
 def test_reports_only_builds_headless_in_a_fresh_process(report_run: Path, tmp_path: Path) -> None:

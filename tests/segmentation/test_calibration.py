@@ -10,8 +10,8 @@ import pytest
 
 from bids_app.errors import BadDataError, MissingInputError
 from bids_app.segmentation.calibration import (Calibration, CalibrationFile, calibrate, grow_threshold, image_bound,
-                                               probability_map, read_calibration_file, subsample_sorted, with_threshold,
-                                               write_calibration_file)
+                                               probability_map, probseg_threshold, read_calibration_file,
+                                               subsample_sorted, with_threshold, write_calibration_file)
 
 
 def healthy_set(seed: int = 0, n: int = 3, shape=(20, 20, 30)):
@@ -75,11 +75,38 @@ def test_probability_map_extremes_and_region() -> None:
     region[3] = False
     p = probability_map(res, cal, region)
     assert p.dtype == np.float32
-    assert np.all(p[1:3] == 1.0) and np.all(p[0] == 0.0) and np.all(p[3] == 0.0)
+    assert np.all(p[1:3] == 1.0) and np.all(p[3] == 0.0)
+    # Below every reference value, in the region: the smallest score, still above 0 (score > 0 is the region).
+    assert np.all(p[0] == np.float32(1 / (cal.reference.size + 2))) and p[0].min() > 0
     assert 0.0 <= p.min() and p.max() <= 1.0
     # At the calibrated threshold the map reads (about) the calibration quantile.
     at = probability_map(np.array([cal.threshold]), cal)[0]
     assert at == pytest.approx(cal.quantile, abs=2e-4)
+
+
+@pytest.mark.parametrize("where", ["calibrated", "a reference value", "between reference values", "above all",
+                                   "below all"])
+def test_thresholding_the_probseg_is_thresholding_the_residual(where: str) -> None:
+    """``probseg > probseg_threshold`` exactly where ``residual > threshold``, wherever the threshold falls
+    (the voxel ECDF alone is flat between reference values and would take in voxels at or below it)."""
+    residuals, regions = healthy_set()
+    cal = calibrate(residuals, regions, quantile=0.99)
+    ref = cal.reference
+    threshold = {"calibrated": cal.threshold, "a reference value": float(ref[-50]),
+                 "between reference values": float((ref[-50].astype(np.float64) + ref[-49]) / 2),
+                 "above all": float(ref[-1]) + 0.5, "below all": float(ref[0]) - 0.5}[where]
+    cal = cal if where == "calibrated" else with_threshold(cal, threshold)
+    rng = np.random.default_rng(1)
+    # Residuals at, just around and between reference values and the threshold: the hard cases.
+    near = np.concatenate([ref[-60:], np.nextafter(ref[-60:], np.float32(np.inf)), rng.choice(ref, 500)])
+    values = np.concatenate([near, [cal.threshold, np.nextafter(np.float32(cal.threshold), np.float32(np.inf)),
+                                    ref[-1] + 1.0, ref[0] - 1.0]]).astype(np.float32)
+    score = probability_map(values, cal)
+    cut = probseg_threshold(cal)
+    assert type(cut) is float and float(np.float32(cut)) == cut  # a float32 value, written exactly in JSON
+    np.testing.assert_array_equal(score > cut, values > cal.threshold)
+    np.testing.assert_array_equal(score > np.float32(cut), values > cal.threshold)
+    assert (values > cal.threshold).any() and (values <= cal.threshold).any()
 
 
 def test_with_threshold_marks_user() -> None:

@@ -121,9 +121,36 @@ def test_evaluate_and_summarise(tmp_path) -> None:
     assert table[3].split("\t")[header.index("lesion_f1")] == "n/a"
 
 
-def test_auprc_matches_scikit_learn_with_ties() -> None:
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(3)
-    truth = rng.random(500) < 0.1
-    scores = np.round(rng.random(500) + 0.3 * truth, 2)  # rounding makes many ties
-    assert auprc(scores, truth) == pytest.approx(metrics.average_precision_score(truth, scores), rel=1e-12)
+#: AUPRC of :func:`auprc_cases` computed by the hand-written implementation this module had before
+#: it called scikit-learn (commit 077a82b): the maintained implementation must give the same numbers.
+AUPRC_BEFORE_SCIKIT_LEARN = {
+    "continuous": 0.3865494345191075,
+    "ties": 0.4217635709680706,
+    "volume_region": 0.22355892811687766,
+    "all_positive": 1.0,
+    "constant_scores": 0.3,
+}
+
+
+def auprc_cases() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Fixed inputs: continuous scores, many ties, a 3D volume inside a region, two edge cases."""
+    rng = np.random.default_rng(24)
+    truth = rng.random(2000) < 0.05
+    cases = {"continuous": (rng.normal(size=2000) + 1.5 * truth, truth, None),
+             "ties": (np.round(rng.random(2000) + 0.4 * truth, 1), truth, None)}
+    volume = rng.normal(size=(8, 12, 10)).astype(np.float32)
+    lesion = np.zeros((8, 12, 10), bool)
+    lesion[2:5, 3:7, 4:6] = True
+    volume[lesion] += 1.0
+    region = np.zeros((8, 12, 10), bool)
+    region[1:7, 2:10, 2:9] = True
+    cases["volume_region"] = (volume, lesion, region)
+    cases["all_positive"] = (np.array([0.3, 0.1, 0.2]), np.array([1, 1, 1]), None)
+    cases["constant_scores"] = (np.zeros(10), np.arange(10) < 3, None)
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(AUPRC_BEFORE_SCIKIT_LEARN))
+def test_auprc_equals_the_hand_written_values(name: str) -> None:
+    scores, truth, region = auprc_cases()[name]
+    assert auprc(scores, truth, region) == pytest.approx(AUPRC_BEFORE_SCIKIT_LEARN[name], rel=1e-12)
