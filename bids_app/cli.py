@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(sel, "--bids-filter-file", metavar="FILE", type=Path,
           help='JSON filter {"image": {entity: value}}; null = entity absent, "*" = any value')
     _flag(sel, "--derivatives", nargs="+", metavar="PATH", type=Path,
-          help="derivative datasets with cord/lesion masks (default: every folder in bids_dir/derivatives)")
+          help="derivative datasets with cord/lesion masks and disc labels (default: every folder in bids_dir/derivatives)")
     _flag(sel, "--require-derivative", nargs="+", metavar="NAME",
-          help="drop images lacking this derivative: 'cord', 'lesion' or a name part such as label-SC_seg")
+          help="drop images lacking this derivative: 'cord', 'lesion', 'disc' or a name part such as label-SC_seg")
     _flag(sel, "--healthy-filter", metavar="COLUMN=VALUE",
           help="participants.tsv column and value marking healthy participants (default: pathology=HC)")
     _flag(sel, "--train-participants", nargs="+", metavar="LABEL",
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
                      dest="skip_bids_validation", action="store_true", help="do not run the BIDS validator")
 
-    seg = parser.add_argument_group("segmentation (participant level; every setting: --config, see the README)")
+    seg = parser.add_argument_group("segmentation (participant level; every setting: --config, see docs/usage.md)")
     for flag, path, extra in SETTING_FLAGS:
         _setting_flag(seg, flag, path, **extra)
     _flag(seg, "--no-grow", action="store_true", help="lesion masks are the voxels above the threshold only")
