@@ -111,3 +111,18 @@ def test_an_old_absolute_path_still_resolves_and_junk_does_not(tmp_path: Path) -
     assert links.resolve_bids_uri("bids:nolink:sub-01/x.nii.gz", tmp_path) is None
     assert links.resolve_bids_uri("bids:only", tmp_path) is None
     assert links.resolve_bids_uri(None, tmp_path) is None
+
+
+def test_a_file_linked_into_an_annex_is_named_within_its_own_dataset(layout: tuple[Path, Path, Path]) -> None:
+    """DataLad/git-annex: the dataset's file is a symbolic link to a content file outside any dataset;
+    the URI names the file where the dataset has it, and the link to the dataset is not duplicated."""
+    raw, labels, out = layout
+    content = _file(raw.parent / "annex", "objects/e3238bb987")
+    cord = labels / "sub-01" / "anat" / "sub-01_T2w_label-SC_seg.nii.gz"
+    cord.parent.mkdir(parents=True)
+    cord.symlink_to(content)
+    assert links.bids_uri(cord, out) == "bids:labels:sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz"
+    linked_dir = raw.parent / "labels-link"
+    linked_dir.symlink_to(labels, target_is_directory=True)  # the same dataset reached through a link
+    assert links.bids_uri(linked_dir / "sub-01" / "anat" / "sub-01_T2w_label-SC_seg.nii.gz", out).startswith("bids:labels:")
+    assert set(json.loads((out / "dataset_description.json").read_text())["DatasetLinks"]) == {"raw", "labels"}

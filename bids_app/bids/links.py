@@ -77,8 +77,11 @@ def resolve_bids_uri(uri: Any, output_dir: str | Path) -> Path | None:
 
 def dataset_root(path: str | Path) -> Path:
     """The dataset a file belongs to: the nearest folder above it with a ``dataset_description.json``,
-    else the folder holding its ``sub-*`` folder (a derivative dataset without a description)."""
-    path = Path(path).resolve()
+    else the folder holding its ``sub-*`` folder (a derivative dataset without a description).
+
+    Symbolic links are not followed: a file of a DataLad/git-annex dataset is a link into the
+    annex, and it belongs to the dataset it is linked from."""
+    path = Path(os.path.abspath(path))
     for folder in path.parents:
         if (folder / DESCRIPTION).is_file():
             return folder
@@ -90,8 +93,9 @@ def dataset_root(path: str | Path) -> Path:
 
 def bids_uri(path: str | Path, output_dir: str | Path) -> str:
     """``bids:<dataset>:<relative path>`` for an input file, linking its dataset in ``DatasetLinks``
-    (and ``SourceDatasets``) of the output's description when it is not linked yet."""
-    path = Path(path).resolve()
+    (and ``SourceDatasets``) of the output's description when it is not linked yet. The path within
+    the dataset is the one given (symbolic links not followed, see :func:`dataset_root`)."""
+    path = Path(os.path.abspath(path))
     root = dataset_root(path)
     rel = path.relative_to(root).as_posix()
     links = read_description(output_dir).get("DatasetLinks") or {}
@@ -112,7 +116,8 @@ def bids_uri(path: str | Path, output_dir: str | Path) -> str:
 
 def _linked_name(links: Mapping[str, Any], root: Path, output_dir: str | Path) -> str | None:
     for name, target in links.items():
-        if resolve_link(target, output_dir) == root:
+        linked = resolve_link(target, output_dir)
+        if linked is not None and linked.resolve() == root.resolve():
             return name
     return None
 
