@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from bids_app.bids.derivatives import RAW_LINK, output_relpath
 from bids_app.bids.links import resolve_bids_uri, resolve_link
+from bids_app.bids.tables import read_tsv
 from bids_app.bids.layout import name_parts
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         log.debug("cannot read %s: %s", path, exc)
         return None
     return data if isinstance(data, dict) else None
-
-
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a tab-separated table with a header line (empty when absent)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
