@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bids_app.bids.layout import collect_images, find_derivative_datasets, load_layout, read_participants  # noqa: E402
 from bids_app.model_store import load_trained_models  # noqa: E402
 from bids_app.pipelines.counterfactual import CounterfactualPipeline  # noqa: E402
-from bids_app.pipelines.segment import ImageInput, native_residual  # noqa: E402
+from bids_app.pipelines.segment import ImageInput, native_footprint, native_residual  # noqa: E402
 from bids_app.segmentation.calibration import calibrate, grow_threshold  # noqa: E402
 from bids_app.segmentation.lesions import lesion_free_threshold, lesion_mask  # noqa: E402
 from bids_app.segmentation.metrics import auprc, best_dice_over_thresholds, dice, lesion_wise  # noqa: E402
-from bids_app.segmentation.residuals import (GROW_MEDIAN_SIZE, MEDIAN_SIZE, analysis_region,  # noqa: E402
+from bids_app.segmentation.residuals import (GROW_MEDIAN_SIZE, analysis_region,  # noqa: E402
                                              restrict, signed_residual, smooth)
 from bids_app.settings import ComputeSettings, SelectionSettings  # noqa: E402
 from bids_app.settings.segmentation import SegmentationSettings  # noqa: E402
@@ -152,7 +152,7 @@ def image_maps(pipeline, plan, record, seg, seed):
                                              app.polarity),
            "zscore": (pre.native - pre.image[model_region].mean()) / (pre.image[model_region].std() + 1e-6)}
     for method, values in raw.items():
-        scores[method] = restrict(smooth(values, MEDIAN_SIZE, valid=region), region)
+        scores[method] = restrict(smooth(values, native_footprint(pre.trace, plan), valid=region), region)
         growth[method] = restrict(smooth(values, GROW_MEDIAN_SIZE, valid=region), region)
     truth = np.asanyarray(nib.load(record.lesion_mask).dataobj) > 0 if record.lesion_mask is not None else None
     return record, region, scores, truth, app.spacing_mm, growth, app.detection_region

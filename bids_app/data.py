@@ -53,6 +53,10 @@ class AugmentationSettings:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     gamma: float = 0.2
+    #: Chance that an item is seen as a 2D acquisition with thick slices across a random axis
+    #: (``thick_slices``): the healthy prior then knows what 3-4 mm slices do to a healthy cord.
+    thick_slice_probability: float = 0.5
+    thick_slice_mm: tuple[float, float] = (3.0, 4.0)
     crop_shape: tuple[int, int, int] | None = None
 
 
@@ -149,7 +153,7 @@ class TrainingVolumes(Dataset):
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arrays = model_window(self.covering(index), self.plan.target_shape, rng)
-            arrays = augment_volume(arrays, self.augment, rng)
+            arrays = augment_volume(arrays, self.augment, rng, self.plan.target_spacing)
         else:
             arrays = self.arrays(index)
         item: dict[str, Any] = {"name": self.samples[index].name, "index": index}
@@ -210,10 +214,12 @@ def model_window(arrays: Mapping[str, np.ndarray], shape: Sequence[int],
 
 
 def augment_volume(
-    arrays: Mapping[str, np.ndarray], settings: AugmentationSettings, rng: np.random.Generator
+    arrays: Mapping[str, np.ndarray], settings: AugmentationSettings, rng: np.random.Generator,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> dict[str, np.ndarray]:
-    """Random flip (left-right = axis 0 in RAS), small rotation, intensity scale/shift/gamma and an
-    optional random crop, applied consistently to the image, its masks and the valid map."""
+    """Random flip (left-right = axis 0 in RAS), small rotation, thick slices, intensity
+    scale/shift/gamma and an optional random crop, applied consistently to the image, its masks and
+    the valid map (thick slices change the image only). ``spacing``: the arrays' voxel size in mm."""
     from scipy import ndimage
 
     out = {k: np.asarray(v) for k, v in arrays.items()}
@@ -229,6 +235,10 @@ def augment_volume(
                 array.astype(np.float32), matrix, offset=offset, order=1 if is_image else 0,
                 mode="constant", cval=-1.0 if is_image else 0.0,
             ).astype(array.dtype)
+    if settings.thick_slice_probability > 0 and rng.random() < settings.thick_slice_probability:
+        axis = int(rng.integers(0, 3))
+        thickness = rng.uniform(*settings.thick_slice_mm) / float(spacing[axis])
+        out["image"] = thick_slices(out["image"], axis, thickness, float(rng.random()))
     image = out["image"].astype(np.float32)
     scale = 1 + rng.uniform(-settings.intensity_scale, settings.intensity_scale)
     shift = rng.uniform(-settings.intensity_shift, settings.intensity_shift)
@@ -243,6 +253,43 @@ def augment_volume(
         window = tuple(slice(a, a + c) for a, c in zip(start, crop))
         out = {k: np.ascontiguousarray(v[window]) for k, v in out.items()}
     return out
+
+
+def thick_slices(image: np.ndarray, axis: int, thickness: float, phase: float = 0.0) -> np.ndarray:
+    """``image`` as a 2D acquisition with slices ``thickness`` voxels thick across ``axis`` shows it
+    once resampled back to this grid: each slice is the mean of the image over its slab (a
+    rectangular slice profile), and the voxels between slice centres are interpolated linearly (as
+    the preprocessing resamples). ``phase`` in [0, 1) shifts the slab boundaries by that fraction of
+    a slice. Slabs are cut at the volume's edges."""
+    if thickness <= 1:
+        return np.asarray(image, dtype=np.float32)
+    lines = np.moveaxis(np.asarray(image, dtype=np.float64), axis, 0)
+    n = lines.shape[0]
+    # Integral of the image along the axis at voxel boundaries 0..n (voxel i spans [i, i + 1)).
+    integral = np.concatenate([np.zeros((1, *lines.shape[1:])), np.cumsum(lines, axis=0)])
+
+    def integral_at(x: np.ndarray) -> np.ndarray:
+        index = np.minimum(np.floor(x).astype(int), n - 1)
+        fraction = (x - index).reshape(-1, *([1] * (lines.ndim - 1)))
+        return integral[index] + fraction * lines[index]
+
+    first = (phase % 1.0 - 1.0) * thickness
+    bounds = np.clip(first + thickness * np.arange(int(np.ceil((n - first) / thickness)) + 1), 0, n)
+    start, end = bounds[:-1], bounds[1:]
+    keep = end - start > 1e-9
+    start, end = start[keep], end[keep]
+    width = (end - start).reshape(-1, *([1] * (lines.ndim - 1)))
+    slabs = (integral_at(end) - integral_at(start)) / width
+    centres = (start + end) / 2 - 0.5  # voxel-centre coordinates
+    if len(centres) == 1:
+        resampled = np.broadcast_to(slabs, lines.shape)
+    else:
+        positions = np.arange(n, dtype=float)
+        left = np.clip(np.searchsorted(centres, positions, side="right") - 1, 0, len(centres) - 2)
+        weight = np.clip((positions - centres[left]) / (centres[left + 1] - centres[left]), 0, 1)
+        weight = weight.reshape(-1, *([1] * (lines.ndim - 1)))
+        resampled = slabs[left] * (1 - weight) + slabs[left + 1] * weight
+    return np.ascontiguousarray(np.moveaxis(resampled, 0, axis), dtype=np.float32)
 
 
 def _small_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:

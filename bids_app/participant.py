@@ -47,6 +47,7 @@ from bids_app.segmentation.calibration import (
 from bids_app.segmentation.lesions import lesion_mask, lesion_table, write_lesion_tsv
 from bids_app.segmentation.vertebrae import add_vertebral_levels
 from bids_app.segmentation.metrics import evaluate, healthy_false_positive, summarise, write_summary_tsv
+from bids_app.segmentation.residuals import RESIDUAL_MAP_VERSION
 from bids_app.settings import RunSettings, settings_to_dict
 from bids_app.settings.fields import calibrated_values, flatten, sidecar_values
 
@@ -405,6 +406,11 @@ def _warn_if_settings_differ(settings: RunSettings, identity: Mapping[str, Any])
         log.warning("the threshold was calibrated by counterseg 0.1.0, which did not store its settings as this "
                     "version does: they cannot be checked; rerun the group stage calibrate to record them")
         return
+    version = identity.get("residual_map", 1)
+    if version != RESIDUAL_MAP_VERSION:
+        log.warning("the threshold was calibrated on residual maps of version %s, and this version computes "
+                    "version %s (docs/method.md): the calibrated false-positive rate does not hold; rerun the "
+                    "group stage calibrate", version, RESIDUAL_MAP_VERSION)
     now = {**flatten(calibrated_values(settings.segmentation), "segmentation."), "compute.seed": settings.compute.seed}
     then = {**flatten(identity.get("segmentation", {}), "segmentation."), "compute.seed": identity.get("seed")}
     differing = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))

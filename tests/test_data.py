@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bids_app.data import AugmentationSettings, Sample, TrainingVolumes, augment_volume, split_participants
+from bids_app.data import (AugmentationSettings, Sample, TrainingVolumes, augment_volume, split_participants,
+                           thick_slices)
 from bids_app.preprocessing.pipeline import preprocess
 from bids_app.preprocessing.plan import PreprocessingPlan
 from bids_app.synthetic import generate_dataset
@@ -111,6 +113,44 @@ def test_augmentation_keeps_masks_binary_and_aligned(samples, tmp_path: Path) ->
     assert np.all(out["image"][~out["valid"].astype(bool)] == -1)
     cord = out["mask_cord"].astype(bool)
     assert 0.8 < cord.sum() / base["mask_cord"].sum() < 1.2
+
+
+def test_thick_slices_average_each_slab_and_interpolate_linearly_between() -> None:
+    image = np.random.default_rng(0).normal(size=(5, 12, 4))
+    out = thick_slices(image, axis=1, thickness=3.0, phase=0.0)
+    slabs = [image[:, a:a + 3].mean(axis=1) for a in (0, 3, 6, 9)]
+    for centre, slab in zip((1, 4, 7, 10), slabs):
+        assert np.allclose(out[:, centre], slab, atol=1e-6)
+    assert np.allclose(out[:, 2], slabs[0] * 2 / 3 + slabs[1] / 3, atol=1e-6)
+    assert np.allclose(out[:, 0], slabs[0], atol=1e-6)  # before the first centre: that slab's value
+
+
+def test_thick_slices_blur_only_across_the_slices_and_keep_the_signal() -> None:
+    point = np.zeros((9, 9, 30))
+    point[4, 4, 15] = 1.0
+    out = thick_slices(point, axis=2, thickness=4.5, phase=0.3)
+    assert out.sum() == pytest.approx(1.0, abs=0.02)  # the slab that holds it spreads it, no more
+    assert np.count_nonzero(out[4, 4] > 1e-6) >= 5 and out.max() < 0.3
+    assert np.count_nonzero(out) == np.count_nonzero(out[4, 4])  # nothing leaks along the other axes
+    assert np.allclose(thick_slices(np.full((6, 7, 8), 0.25), 0, 3.7, 0.9), 0.25)
+    assert np.array_equal(thick_slices(point, 2, 1.0, 0.5), point.astype(np.float32))
+
+
+def test_thick_slice_augmentation_changes_the_image_only_and_reads_the_voxel_size(samples, tmp_path: Path) -> None:
+    base = TrainingVolumes(samples[:1], PLAN, tmp_path / "cache").arrays(0)
+    settings = AugmentationSettings(rotation_degrees=0.0, flip_left_right=0.0, intensity_scale=0.0,
+                                    intensity_shift=0.0, gamma=0.0, thick_slice_probability=1.0,
+                                    thick_slice_mm=(4.0, 4.0))
+    out = augment_volume(base, settings, np.random.default_rng(1), spacing=(1.0, 1.0, 1.0))
+    assert not np.allclose(out["image"], base["image"])
+    assert out["image"].min() >= -1 and out["image"].max() <= 1
+    for name in ("valid", "mask_cord"):
+        assert np.array_equal(out[name], base[name])
+    # 4 mm slices on a 4 mm grid are the grid itself: nothing to average.
+    same = augment_volume(base, settings, np.random.default_rng(1), spacing=(4.0, 4.0, 4.0))
+    assert np.allclose(same["image"], base["image"], atol=1e-6)
+    never = dataclasses.replace(settings, thick_slice_probability=0.0)
+    assert np.allclose(augment_volume(base, never, np.random.default_rng(1))["image"], base["image"], atol=1e-6)
 
 
 def test_split_is_by_participant_seeded_and_never_empty() -> None:

@@ -76,3 +76,16 @@ def test_a_calibration_of_an_earlier_version_warns(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING):
         _warn_if_settings_differ(settings_with(), old)
     assert "calibrated by counterseg 0.1.0" in caplog.text and "rerun the group stage calibrate" in caplog.text
+
+
+def test_a_threshold_calibrated_on_an_earlier_residual_map_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """The map's median filter and search region changed in version 2: a threshold calibrated on
+    version 1 maps (no ``residual_map`` in its identity) sits at another false-positive rate."""
+    identity = calibrated_with_defaults()
+    with caplog.at_level(logging.WARNING):
+        _warn_if_settings_differ(settings_with(), identity)
+    assert "residual maps of version" not in caplog.text
+    del identity["residual_map"]
+    with caplog.at_level(logging.WARNING):
+        _warn_if_settings_differ(settings_with(), identity)
+    assert "residual maps of version 1" in caplog.text and "rerun the group stage calibrate" in caplog.text

@@ -15,6 +15,7 @@ from bids_app.pipelines.segment import ImageInput, native_residual
 from bids_app.preprocessing.plan import PreprocessingPlan
 from bids_app.segmentation.calibration import Calibration, calibrate
 from bids_app.segmentation.lesions import lesion_free_threshold
+from bids_app.segmentation.residuals import RESIDUAL_MAP_VERSION
 from bids_app.settings.fields import calibrated_values
 from bids_app.settings.segmentation import SegmentationSettings, resolve_polarity
 
@@ -22,10 +23,12 @@ log = logging.getLogger(__name__)
 
 def calibration_identity(seg: SegmentationSettings, seed: int, models_sha256: str,
                          suffixes: Sequence[str] = ()) -> dict[str, Any]:
-    """What a calibration holds for: the models, the seed, every setting declared ``calibrated``, and
-    the residual polarity as resolved for each contrast it calibrates (``auto`` means different
-    polarities for different contrasts, so the resolved one is what the threshold holds for)."""
-    identity = {"models_sha256": models_sha256, "seed": seed, "segmentation": calibrated_values(seg)}
+    """What a calibration holds for: the models, the seed, every setting declared ``calibrated``, the
+    version of the residual map, and the residual polarity as resolved for each contrast it
+    calibrates (``auto`` means different polarities for different contrasts, so the resolved one is
+    what the threshold holds for)."""
+    identity = {"models_sha256": models_sha256, "seed": seed, "segmentation": calibrated_values(seg),
+                "residual_map": RESIDUAL_MAP_VERSION}
     if suffixes:
         identity["polarity"] = {suffix: resolve_polarity(seg.residual.polarity, suffix) for suffix in sorted(set(suffixes))}
     return identity

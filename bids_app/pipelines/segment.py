@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nibabel.orientations import io_orientation
 
 from bids_app.pipelines.counterfactual import Counterfactual, CounterfactualPipeline
 from bids_app.preprocessing.pipeline import Preprocessed, preprocess
 from bids_app.preprocessing.plan import PreprocessingPlan
+from bids_app.preprocessing.trace import Trace
 from bids_app.segmentation.residuals import (
     GROW_MEDIAN_SIZE,
     MEDIAN_SIZE,
     analysis_region,
     detection_region,
+    median_footprint,
     residual_map,
     restrict,
     smooth,
@@ -90,13 +93,22 @@ def native_residual(pipeline: CounterfactualPipeline, plan: PreprocessingPlan, i
     raw, spread = native_grid_residual(pre, cfs, polarity)
     return NativeResidual(
         pre, tuple(cfs),
-        residual=restrict(smooth(raw, MEDIAN_SIZE, valid=native_region), native_region).astype(np.float32),
+        residual=restrict(smooth(raw, native_footprint(trace, plan), valid=native_region),
+                          native_region).astype(np.float32),
         growth=restrict(smooth(raw, GROW_MEDIAN_SIZE, valid=native_region), native_region).astype(np.float32),
         region=native_region,
         detection_region=detection_region(native_region, zooms, seg.residual.detection_inset_mm),
         uncertainty=restrict(spread, native_region).astype(np.float32),
         region_source=source, polarity=polarity, seconds=time.monotonic() - started, spacing_mm=zooms,
         adapter_used=pipeline.steers(control, seg.counterfactual))
+
+
+def native_footprint(trace: Trace, plan: PreprocessingPlan) -> tuple[int, ...]:
+    """The thresholded map's median filter on the image's own grid (``median_footprint``): the model
+    grid's spacing is read along each native axis through the reorientation the preprocessing did."""
+    zooms = tuple(float(z) for z in trace.source.zooms[:3])
+    model_axis = io_orientation(trace.source.affine)[:, 0].astype(int)
+    return median_footprint(zooms, [plan.target_spacing[a] for a in model_axis], MEDIAN_SIZE)
 
 
 def native_grid_residual(pre: Preprocessed, counterfactuals: Sequence[Counterfactual],

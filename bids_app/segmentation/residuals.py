@@ -11,13 +11,14 @@ foreground when no cord mask exists. Padded voxels (``valid == False``) never co
 Typical order, also used for calibration so thresholds mean the same at inference::
 
     mean, spread = residual_map(image, counterfactuals)
-    mean = smooth(mean, MEDIAN_SIZE, valid=valid)
+    mean = smooth(mean, median_footprint(spacing_mm, model_spacing_mm), valid=valid)
     region, source = analysis_region(valid, cord, image=image)
     mean = restrict(mean, region)
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,12 +33,18 @@ DEFAULT_FOREGROUND_THRESHOLD = -0.8
 
 POLARITIES = ("bright", "dark", "both")
 
-#: Edge of the median filter of the map that is thresholded: isolated speckle of the sampling is
-#: not a lesion.
+#: Edge of the median filter of the map that is thresholded, in voxels of the model grid: isolated
+#: speckle of the sampling (about a model voxel across) is not a lesion. On the native grid the
+#: filter spans as many millimetres (``median_footprint``).
 MEDIAN_SIZE = 3
 #: The same for the map lesions grow over (hysteresis): unsmoothed, as the median filter that keeps
 #: speckle from being found also rounds off a lesion's edges.
 GROW_MEDIAN_SIZE = 1
+
+#: Version of the thresholded map and of the region it is searched in, stored with each calibration:
+#: a threshold calibrated on another version's maps means something else. 2: the median filter spans
+#: millimetres of the model grid, and the outermost voxel layer is never searched.
+RESIDUAL_MAP_VERSION = 2
 
 _foreground_warned = False  # the fallback is announced once per process, then logged at INFO
 
@@ -122,24 +129,42 @@ def residual_map(image: np.ndarray, counterfactuals: Sequence[np.ndarray],
     return mean.astype(np.float32), spread.astype(np.float32)
 
 
-def smooth(residual: np.ndarray, median_size: int, valid: np.ndarray | None = None) -> np.ndarray:
-    """3D median filter of a residual map (``median_size`` voxels a side; 1 returns a copy).
+def median_footprint(spacing_mm: Sequence[float], model_spacing_mm: Sequence[float],
+                     model_voxels: int = MEDIAN_SIZE) -> tuple[int, ...]:
+    """Edge of the median filter along each axis of a grid of ``spacing_mm``: the odd number of
+    voxels nearest to ``model_voxels`` voxels of the model grid (``model_spacing_mm``, the same axis
+    order), at least 1.
+
+    The speckle the filter removes is as fine as the model grid, whatever the image's own grid:
+    ``model_voxels`` on a grid like the model's, more across finer voxels, and 1 across thick
+    slices, whose neighbours are other anatomy (a 3-voxel median across 3 mm slices drops every
+    lesion one slice thick).
+    """
+    spacing = check_spacing(spacing_mm, len(spacing_mm))
+    model = check_spacing(model_spacing_mm, len(spacing))
+    return tuple(max(1, 2 * math.floor((model_voxels * m / s - 1) / 2 + 0.5) + 1) for s, m in zip(spacing, model))
+
+
+def smooth(residual: np.ndarray, median_size: int | Sequence[int], valid: np.ndarray | None = None) -> np.ndarray:
+    """3D median filter of a residual map (``median_size`` voxels a side, or one edge per axis;
+    1 returns a copy).
 
     A median removes isolated bright voxels (diffusion sampling noise) while keeping the edges
     of lesions larger than half the window. With ``valid``, padded voxels are set to 0 first, so
     the (meaningless) residual of padding cannot bleed into real voxels next to it.
     """
     residual = np.asarray(residual, dtype=np.float32)
-    if int(median_size) != median_size or median_size < 1:
-        raise ValueError(f"median_size must be an integer >= 1, got {median_size!r}")
+    sizes = tuple(median_size) if isinstance(median_size, Sequence) else (median_size,) * residual.ndim
+    if len(sizes) != residual.ndim or any(int(n) != n or n < 1 for n in sizes):
+        raise ValueError(f"median_size must be an integer >= 1 or one per axis, got {median_size!r}")
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != residual.shape:
             raise ValueError(f"valid has shape {valid.shape}, residual has {residual.shape}")
         residual = np.where(valid, residual, np.float32(0.0))
-    if median_size == 1:
+    if all(n == 1 for n in sizes):
         return residual.copy()
-    return ndimage.median_filter(residual, size=int(median_size), mode="nearest")
+    return ndimage.median_filter(residual, size=[int(n) for n in sizes], mode="nearest")
 
 
 def body_foreground(image: np.ndarray, threshold: float = DEFAULT_FOREGROUND_THRESHOLD) -> np.ndarray:
@@ -191,15 +216,18 @@ def analysis_region(
 
 
 def detection_region(region: np.ndarray, spacing_mm: Sequence[float], inset_mm: float) -> np.ndarray:
-    """The voxels of ``region`` deeper than ``inset_mm`` below its surface, where lesions may be found.
+    """The voxels of ``region`` deeper than ``inset_mm`` below its surface and off its outermost
+    voxel layer, where lesions may be found.
 
     The healthy residual is highest in the outermost voxel layer of the cord, half cord and half
     CSF, and at the ends of the field of view (the array border counts as surface), where most
-    lesions' is deeper (docs/benchmarks.md). A lesion
-    that reaches the surface is still found by its deeper voxels and grows back into the layer.
-    Depth is the Euclidean distance in mm to the nearest voxel outside (1e-6 mm tolerance, so a
-    1 mm inset drops the first layer of a 1 mm grid). When the inset would leave nothing (a
-    region thinner than twice it), the whole region is returned.
+    lesions' is deeper (docs/benchmarks.md). A lesion that reaches the surface is still found by its
+    deeper voxels and grows back into the layer. Depth is the Euclidean distance in mm to the
+    nearest voxel outside (1e-6 mm tolerance, so a 1 mm inset drops the first layer of a 1 mm grid).
+    The outermost layer (voxels with a face neighbour outside) is dropped whatever its depth: across
+    3 mm slices it lies 3 mm deep and is as much partial volume as on a fine grid. When this would
+    leave nothing (a region thinner than twice the inset, or than three voxels), the whole region
+    is returned.
     """
     region = np.asarray(region, dtype=bool)
     spacing = check_spacing(spacing_mm, region.ndim)
@@ -208,10 +236,10 @@ def detection_region(region: np.ndarray, spacing_mm: Sequence[float], inset_mm: 
     if inset_mm == 0 or not region.any():
         return region.copy()
     depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[(slice(1, -1),) * region.ndim]
-    inner = region & (depth > inset_mm + 1e-6)
+    inner = region & (depth > inset_mm + 1e-6) & ndimage.binary_erosion(region, border_value=0)
     if not inner.any():
-        logger.warning("the analysis region is nowhere deeper than %.3g mm: lesions are searched in all of it",
-                       inset_mm)
+        logger.warning("the analysis region is nowhere deeper than %.3g mm and its outermost voxel layer: "
+                       "lesions are searched in all of it", inset_mm)
         return region.copy()
     return inner
 

@@ -154,7 +154,7 @@ def test_the_calibration_pools_the_residuals_the_participant_level_computes(pipe
 def test_the_identity_holds_the_models_the_seed_and_the_calibrated_settings() -> None:
     seg = SegmentationSettings()
     identity = calibration_identity(seg, 7, "abc")
-    assert identity["models_sha256"] == "abc" and identity["seed"] == 7
+    assert identity["models_sha256"] == "abc" and identity["seed"] == 7 and identity["residual_map"] == 2
     assert identity["segmentation"] == {
         "counterfactual": {"strengths": [0.8], "n_samples": 1, "adapter_scale": 1.0, "window_overlap": 0.5,
                            "patch_size": [2, 2, 2], "patch_period": 3, "patch_offsets": 2},

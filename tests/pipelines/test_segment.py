@@ -109,3 +109,20 @@ def test_the_residual_is_taken_at_the_images_own_resolution(tmp_path) -> None:
     coarse = pre.trace.inverse(residual_map(pre.image, [counterfactual.image], "bright", [twin.image])[0],
                                "probability")
     assert coarse[12, 12, 8] < 0.4 * contrast
+
+
+def test_the_median_footprint_reads_the_model_spacing_along_each_native_axis(tmp_path) -> None:
+    """An image stored with its first voxel axis running inferior-superior: the model grid's 2 mm
+    axis (S) lies along that native axis, its 1 mm axes along the other two."""
+    from bids_app.pipelines.segment import native_footprint
+    from bids_app.preprocessing.pipeline import preprocess
+    from bids_app.preprocessing.plan import PreprocessingPlan
+
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = 2.0, 0.6, 0.6, 1.0  # voxel axes: S, R, A
+    path = tmp_path / "oblique_order.nii.gz"
+    data = np.random.default_rng(0).random((8, 20, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    plan = PreprocessingPlan(target_spacing=(1.0, 1.0, 2.0), target_shape=(12, 12, 8))
+    pre = preprocess(path, plan, cover=True)
+    assert native_footprint(pre.trace, plan) == (3, 5, 5)

@@ -8,8 +8,8 @@ import pytest
 
 from bids_app.errors import UsageError
 from bids_app.segmentation import residuals as R
-from bids_app.segmentation.residuals import (agreement_residual, analysis_region, residual_map, restrict,
-                                             signed_residual, smooth)
+from bids_app.segmentation.residuals import (agreement_residual, analysis_region, median_footprint, residual_map,
+                                             restrict, signed_residual, smooth)
 from bids_app.settings.fields import calibrated_values
 from bids_app.settings.segmentation import ResidualSettings
 
@@ -131,8 +131,32 @@ def test_restrict_zeroes_outside() -> None:
 
 
 def test_median_sizes_are_fixed() -> None:
-    """The thresholded map is median-filtered over 3 voxels, the map lesions grow over is not."""
+    """The thresholded map is median-filtered over 3 model voxels, the map lesions grow over is not."""
     assert (R.MEDIAN_SIZE, R.GROW_MEDIAN_SIZE) == (3, 1)
+
+
+@pytest.mark.parametrize("spacing,expected", [
+    ((0.8, 0.8, 0.8), (3, 3, 3)),  # the model's own grid
+    ((1.0, 1.0, 1.0), (3, 3, 3)),  # 2.4 voxels: the nearest odd number is 3
+    ((3.0, 0.82, 0.82), (1, 3, 3)),  # 3 mm sagittal slices: never across them
+    ((0.53, 0.53, 4.0), (5, 5, 1)),  # fine in-plane voxels, 4 mm axial slices
+])
+def test_median_footprint_spans_the_model_voxels_in_millimetres(spacing, expected) -> None:
+    assert median_footprint(spacing, (0.8, 0.8, 0.8)) == expected
+    assert median_footprint((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), model_voxels=5) == (5, 5, 5)
+    with pytest.raises(ValueError):
+        median_footprint((1.0, 0.0, 1.0), (0.8, 0.8, 0.8))
+
+
+def test_a_lesion_one_thick_slice_wide_survives_the_median_it_would_not_survive_in_voxels() -> None:
+    """Across 3 mm slices a 3-voxel median spans 9 mm: a lesion within one slice was erased."""
+    res = np.zeros((9, 24, 24), np.float32)
+    res[4, 9:15, 9:15] = 1.0  # one 3 mm sagittal slice, 6 x 6 voxels in plane
+    assert not smooth(res, 3).any()
+    kept = smooth(res, median_footprint((3.0, 0.8, 0.8), (0.8, 0.8, 0.8)))
+    assert kept[4, 10:14, 10:14].min() == 1.0 and not kept[3].any()
+    with pytest.raises(ValueError):
+        smooth(res, (3, 3))
 
 
 @pytest.mark.parametrize("polarity,expected", [("bright", [0.5, 0.0, 0.0]), ("dark", [0.0, 0.25, 0.0]),
@@ -194,9 +218,23 @@ def test_detection_region_drops_the_surface_layer_and_the_field_of_view_ends() -
     expected[3:6, 3:6, 1:5] = True  # one layer off every side, the ends of the array included
     np.testing.assert_array_equal(inner, expected)
     np.testing.assert_array_equal(detection_region(region, (1.0, 1.0, 1.0), 0.0), region)
-    # In mm: with 0.5 mm voxels a 1 mm inset takes two layers; with 3 mm slices the end slices stay.
+    # In mm: with 0.5 mm voxels a 1 mm inset takes two layers.
     assert detection_region(region, (0.5, 0.5, 1.0), 1.0)[4, 4, 2] and not detection_region(region, (0.5, 0.5, 1.0), 1.0)[3, 4, 2]
-    assert detection_region(region, (1.0, 1.0, 3.0), 1.0)[4, 4, 0]
+
+
+def test_detection_region_drops_the_outermost_layer_of_thick_slices_too() -> None:
+    """Across 3 mm sagittal slices the cord's lateral slices lie 3 mm deep, beyond a 1 mm inset, but
+    are half CSF: they go, as the outermost layer of a fine grid does."""
+    from bids_app.segmentation.residuals import detection_region
+
+    region = np.zeros((6, 12, 12), bool)
+    region[1:5, 3:9, :] = True  # 4 sagittal slices of 3 mm: a 12 mm wide cord
+    inner = detection_region(region, (3.0, 0.8, 0.8), 1.0)
+    assert inner[2:4, 5:7, 2:10].all() and not inner[[1, 4]].any()
+    assert not inner[:, :, [0, 11]].any()  # the ends of the field of view, as before
+    two_slices = np.zeros_like(region)
+    two_slices[2:4, 3:9, :] = True  # nothing is off the outermost layer: searched in all of it
+    np.testing.assert_array_equal(detection_region(two_slices, (3.0, 0.8, 0.8), 1.0), two_slices)
 
 
 def test_detection_region_falls_back_to_a_region_too_thin_for_the_inset(caplog) -> None:
