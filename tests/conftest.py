@@ -76,6 +76,12 @@ def tiny_model(simple_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out / "models"
 
 
+#: A residual threshold under the tiny test model's peaks in sub-01 and sub-05 of the simple dataset,
+#: for tests that need lesions to look at: whether a 4-step model's calibration (one healthy image)
+#: leaves any is not what they test.
+LESION_THRESHOLD = 0.02
+
+
 def participant_args(model_dir: Path) -> list[str]:
     """Participant-level flags that use the tiny test model at the strength it was calibrated for."""
     return ["--model-dir", str(model_dir), "--strength", "0.5"]

@@ -19,7 +19,7 @@ from bids_app.bids.validate import find_validator, run_validator
 from bids_app.segmentation.lesions import label_components
 from bids_app.segmentation.vertebrae import level_at, read_vertebral_labels
 
-from tests.conftest import participant_args
+from tests.conftest import LESION_THRESHOLD, participant_args
 
 SUBJECTS = ("01", "05")  # a healthy participant, and one with lesions and a ground-truth mask
 DISCS = "sub-05_T2w_labels-disc-manual.nii.gz"
@@ -69,7 +69,8 @@ def run(simple_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.TempPat
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(participant, "lesion_mask", spy)
         assert cli.main([str(bids), str(result.out), "participant", "--participant-label", *SUBJECTS,
-                         "--skip-bids-validation", *participant_args(tiny_model)]) == 0
+                         "--skip-bids-validation", "--threshold", str(LESION_THRESHOLD),
+                         *participant_args(tiny_model)]) == 0
     assert len(result.candidates) == len(SUBJECTS)
     return result
 

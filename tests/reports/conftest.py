@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import participant_args
+from tests.conftest import LESION_THRESHOLD, participant_args
 
 SWEEP = (0.3, 0.6)
 
@@ -25,7 +25,8 @@ def report_run(simple_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.
         shutil.copy2(record, out / "logs" / record.name)
     sweep = f"{SWEEP[0]}:{SWEEP[-1]}:{SWEEP[1] - SWEEP[0]:.2f}"
     code = cli.main([str(simple_dataset), str(out), "participant", "--participant-label", "01", "05",
-                     "--strength-sweep", sweep, "--skip-bids-validation", *participant_args(tiny_model)])
+                     "--strength-sweep", sweep, "--skip-bids-validation", "--threshold", str(LESION_THRESHOLD),
+                     *participant_args(tiny_model)])
     assert code == 0
     return out
 
