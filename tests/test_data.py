@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bids_app.data import (AugmentationSettings, Sample, TrainingVolumes, augment_volume, split_participants,
-                           thick_slices)
+from bids_app.data import (AugmentationSettings, Sample, TrainingVolumes, augment_volume, model_window,
+                           split_participants, thick_slices)
 from bids_app.preprocessing.pipeline import preprocess
 from bids_app.preprocessing.plan import PreprocessingPlan
 from bids_app.synthetic import generate_dataset
@@ -151,6 +151,20 @@ def test_thick_slice_augmentation_changes_the_image_only_and_reads_the_voxel_siz
     assert np.allclose(same["image"], base["image"], atol=1e-6)
     never = dataclasses.replace(settings, thick_slice_probability=0.0)
     assert np.allclose(augment_volume(base, never, np.random.default_rng(1))["image"], base["image"], atol=1e-6)
+
+
+def test_training_items_simulate_slices_in_the_plans_millimetres(samples, tmp_path: Path) -> None:
+    """3-4 mm slices on a 1.6 mm model grid are 2-2.5 voxels thick, not the 3-4 of a 1 mm grid."""
+    plan = PreprocessingPlan(target_spacing=(1.6, 1.6, 1.6), target_shape=(16, 16, 16))
+    settings = AugmentationSettings(thick_slice_probability=1.0)
+    data = TrainingVolumes(samples[:1], plan, tmp_path / "cache", augment=settings, seed=5)
+
+    def augmented_on(spacing) -> np.ndarray:
+        rng = np.random.default_rng([5, 0, 0])  # the draws of (seed 5, epoch 0, item 0)
+        return augment_volume(model_window(data.covering(0), plan.target_shape, rng), settings, rng, spacing)["image"]
+
+    item = data[0]["image"][0].numpy()
+    assert np.array_equal(item, augmented_on(plan.target_spacing)) and not np.allclose(item, augmented_on((1.0,) * 3))
 
 
 def test_split_is_by_participant_seeded_and_never_empty() -> None:

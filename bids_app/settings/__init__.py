@@ -231,8 +231,9 @@ class DiffusionStageSettings(StageSettings):
                                       rule=whole(0))
     lr_schedule: str = setting("constant", "constant, or cosine: decayed from learning_rate to 0 over max_steps",
                                choices=("constant", "cosine"))
-    augmentation: str = setting("full", "full (flips, rotations, intensity changes) or flip (random windows and "
-                                "left-right flips only)", choices=("full", "flip"))
+    augmentation: str = setting("full", "full (flips, rotations, intensity changes, thick slices) or flip "
+                                "(random windows, left-right flips and thick slices: no rotations or intensity "
+                                "changes)", choices=("full", "flip"))
 
 
 @dataclass(frozen=True)

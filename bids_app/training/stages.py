@@ -98,8 +98,9 @@ def plan_vqgan(run: TrainingRun) -> StagePlan:
 
 
 def diffusion_augmentation(augment: AugmentationSettings | None, kind: str) -> AugmentationSettings | None:
-    """The diffusion stage's augmentation: all of it (``full``), or only random windows and
-    left-right flips (``flip``: measured better for the patched objective, docs/benchmarks.md)."""
+    """The diffusion stage's augmentation: all of it (``full``), or no rotations and intensity changes
+    (``flip``: random windows, left-right flips and simulated thick slices; measured better for the
+    patched objective, docs/benchmarks.md)."""
     if augment is None or kind == "full":
         return augment
     return dataclasses.replace(augment, rotation_degrees=0.0, intensity_scale=0.0, intensity_shift=0.0, gamma=0.0)

@@ -120,6 +120,7 @@ def test_flip_augmentation_keeps_only_windows_and_flips() -> None:
     flip = diffusion_augmentation(full, "flip")
     assert (flip.rotation_degrees, flip.intensity_scale, flip.intensity_shift, flip.gamma) == (0.0, 0.0, 0.0, 0.0)
     assert flip.flip_left_right == full.flip_left_right
+    assert flip.thick_slice_probability == full.thick_slice_probability > 0  # every stage sees thick slices
     assert diffusion_augmentation(full, "full") is full and diffusion_augmentation(None, "flip") is None
 
 
